@@ -1,0 +1,39 @@
+# `make demo` and `make test` set everything up themselves; setup is a no-op once done.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+# A CPU build of torch lies on disk here; a bare `torch` would download a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+EXTRAS ?= dev
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+ACCELERATE_1CPU := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 \
+	--mixed_precision no --dynamo_backend no
+
+demo: setup
+	$(BIN)/python tools/make_shards.py --sample-images --output data/demo
+	$(ACCELERATE_1CPU) launch/train.py --config configs/demo.yaml
+	$(BIN)/python tools/export_tokenizer.py --run runs/demo --output runs/demo/release
+	$(BIN)/python tools/eval_tokenizer.py --tokenizer runs/demo/release \
+		--shards 'data/demo/eval/{000000..000000}.tar' --grid runs/demo/reconstructions.png
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf runs/demo data/demo

@@ -1,0 +1,31 @@
+"""Train a tokenizer: `accelerate launch launch/train.py --config configs/demo.yaml [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokenizer.config import ConfigError, load_config
+from tokenizer.train import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", action="append", required=True,
+                        help="YAML config; repeat to merge several (later wins)")
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="save a checkpoint and exit after this step (for time-sliced jobs); "
+                             "the LR schedule still runs to train.max_steps")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(*args.config, overrides=args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    train(cfg, stop_after=args.stop_after)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""VectorQuantizer and the codebook math, checked against values worked by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tokenizer.quantize import (
+    VectorQuantizer,
+    code_counts,
+    code_sums,
+    ema_update,
+    perplexity,
+    usage,
+)
+
+
+def _grid(vectors: list[list[float]], h: int, w: int) -> torch.Tensor:
+    """Row-major list of h*w D-vectors -> z (1, D, h, w)."""
+    return torch.tensor(vectors).reshape(1, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def _quantizer(codebook: list[list[float]], **kwargs) -> VectorQuantizer:
+    e = torch.tensor(codebook)
+    q = VectorQuantizer(e.shape[0], e.shape[1], **kwargs)
+    with torch.no_grad():
+        q.embed.copy_(e)
+        if q.ema:
+            q.embed_sum.copy_(e)  # keep the "unused code keeps its value" start
+    return q
+
+
+# Two codes, two vectors: v0 -> e0 (diff (0.2, -0.1)), v1 -> e1 (diff (-0.1, 0.3)).
+CODES = [[0.0, 0.0], [1.0, 1.0]]
+VECTORS = [[0.2, -0.1], [0.9, 1.3]]
+# Mean over the 4 elements of the squared differences: (0.04 + 0.01 + 0.01 + 0.09) / 4.
+HAND_MSE = 0.0375
+
+
+def test_losses_by_hand() -> None:
+    q = _quantizer(CODES, beta=0.25)
+    out = q(_grid(VECTORS, 1, 2))
+    assert out.indices.tolist() == [[[0, 1]]]
+    assert out.indices.dtype == torch.int64
+    assert out.codebook_loss.item() == pytest.approx(HAND_MSE)
+    assert out.commitment_loss.item() == pytest.approx(HAND_MSE)
+    assert out.loss.item() == pytest.approx(HAND_MSE * 1.25)
+    # Forward value of the straight-through output is the chosen code.
+    assert torch.allclose(out.quantized, _grid(CODES, 1, 2))
+    assert out.counts.tolist() == [1.0, 1.0] and out.counts.dtype == torch.float32
+
+
+def test_straight_through_copies_decoder_gradient_to_encoder() -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 4, beta=0.0)
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    out = q(z)
+    out.quantized.retain_grad()
+    weight = torch.randn_like(out.quantized)
+    (out.quantized * weight).sum().backward()  # a loss on `quantized` only
+    assert torch.equal(z.grad, out.quantized.grad)
+    assert torch.equal(z.grad, weight)
+    # The decoder's gradient never reaches a gradient-trained codebook.
+    assert q.embed.grad is None or torch.all(q.embed.grad == 0)
+
+
+def test_codebook_gets_gradient_only_from_codebook_term() -> None:
+    q = _quantizer(CODES, beta=0.25)
+    z = _grid(VECTORS, 1, 2).requires_grad_()
+    out = q(z)
+    (out.quantized.sum() + out.commitment_loss).backward()
+    assert q.embed.grad is None or torch.all(q.embed.grad == 0)
+
+    q.embed.grad = None
+    z.grad = None
+    out = q(z)
+    out.loss.backward()
+    # d/de_k mean((e_k - v)^2) = 2 (e_k - v) / 4 for the one vector assigned to e_k.
+    expected_embed = torch.tensor([[-0.1, 0.05], [0.05, -0.15]])
+    torch.testing.assert_close(q.embed.grad, expected_embed)
+    # The encoder sees only beta * commitment: beta * 2 (v - e_k) / 4.
+    expected_z = 0.25 * 0.5 * _grid([[0.2, -0.1], [-0.1, 0.3]], 1, 2)
+    torch.testing.assert_close(z.grad, expected_z)
+
+
+def test_codebook_counts_and_statistics_by_hand() -> None:
+    indices = torch.tensor([[0, 0], [1, 3]])
+    counts = code_counts(indices, 5)
+    assert counts.dtype == torch.float32
+    assert counts.tolist() == [2.0, 1.0, 0.0, 1.0, 0.0]
+    assert usage(counts).item() == pytest.approx(3 / 5)
+    # p = (1/2, 1/4, 1/4): entropy = 1.5 ln 2, perplexity = 2 ** 1.5.
+    assert perplexity(counts).item() == pytest.approx(2**1.5)
+    assert perplexity(torch.full((7,), 3.0)).item() == pytest.approx(7.0)
+    assert perplexity(torch.tensor([0.0, 5.0, 0.0])).item() == pytest.approx(1.0)
+
+    flat = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    sums = code_sums(flat, indices.reshape(-1), 5)
+    expected = [[4.0, 6.0], [5.0, 6.0], [0.0, 0.0], [7.0, 8.0], [0.0, 0.0]]
+    assert sums.tolist() == expected
+
+
+def test_ema_update_by_hand() -> None:
+    state = ema_update(
+        cluster_size=torch.tensor([1.0, 1.0, 1.0]),
+        embed_sum=torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+        batch_counts=torch.tensor([2.0, 0.0, 1.0]),
+        batch_sums=torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, -1.0]]),
+        decay=0.9,
+        epsilon=0.01,
+    )
+    # N = 0.9 * 1 + 0.1 * n_i; m = 0.9 * m + 0.1 * sums.
+    n_i = [1.1, 0.9, 1.0]
+    m_i = [[1.1, 1.8], [2.7, 3.6], [4.6, 5.3]]
+    # Laplace: N' = (N + eps) / (n + K eps) * n with n = 3.0, K eps = 0.03.
+    smoothed = [(x + 0.01) / 3.03 * 3.0 for x in n_i]
+    codebook = [[m / s for m in row] for row, s in zip(m_i, smoothed, strict=True)]
+    torch.testing.assert_close(state.cluster_size, torch.tensor(n_i))
+    torch.testing.assert_close(state.embed_sum, torch.tensor(m_i))
+    torch.testing.assert_close(state.codebook, torch.tensor(codebook))
+
+
+# An EMA example: codes far apart, four vectors, code 2 unused.
+EMA_CODES = [[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0]]
+EMA_VECTORS = [[1.0, 0.0], [0.0, 1.0], [9.0, 11.0], [11.0, 9.0]]
+EMA_COUNTS = [2.0, 2.0, 0.0]
+EMA_SUMS = [[1.0, 1.0], [20.0, 20.0], [0.0, 0.0]]
+
+
+def _hand_ema(counts: list[float], sums: list[list[float]], decay: float, eps: float):
+    """The paper's update on EMA_CODES (cluster_size = 1, embed_sum = the codes)."""
+    n_i = [decay * 1.0 + (1 - decay) * c for c in counts]
+    m_i = [
+        [decay * e + (1 - decay) * s for e, s in zip(code, total, strict=True)]
+        for code, total in zip(EMA_CODES, sums, strict=True)
+    ]
+    n = sum(n_i)
+    smoothed = [(x + eps) / (n + len(n_i) * eps) * n for x in n_i]
+    codebook = [[m / s for m in row] for row, s in zip(m_i, smoothed, strict=True)]
+    return torch.tensor(n_i), torch.tensor(m_i), torch.tensor(codebook)
+
+
+def test_ema_quantizer_applies_the_update_in_training_only() -> None:
+    q = _quantizer(EMA_CODES, ema=True, ema_decay=0.5, ema_epsilon=0.1)
+    assert not q.embed.requires_grad
+    z = _grid(EMA_VECTORS, 2, 2)
+
+    q.eval()
+    out = q(z)
+    torch.testing.assert_close(q.embed, torch.tensor(EMA_CODES))
+    torch.testing.assert_close(q.cluster_size, torch.ones(3))
+
+    q.train()
+    out = q(z)
+    assert out.indices.tolist() == [[[0, 0], [1, 1]]]
+    assert out.counts.tolist() == EMA_COUNTS
+    # The output uses the codebook the indices were chosen from, before the update.
+    expected_quantized = _grid([EMA_CODES[i] for i in (0, 0, 1, 1)], 2, 2)
+    torch.testing.assert_close(out.quantized, expected_quantized)
+    # Under EMA the codebook term is a detached zero; the commitment term remains.
+    assert out.codebook_loss.item() == 0.0 and not out.codebook_loss.requires_grad
+    # Squared element errors: (1, 0), (0, 1), (1, 1), (1, 1) -> 6 / 8.
+    assert out.commitment_loss.item() == pytest.approx(0.75)
+    assert out.loss.item() == pytest.approx(0.25 * 0.75)
+
+    n_i, m_i, codebook = _hand_ema(EMA_COUNTS, EMA_SUMS, decay=0.5, eps=0.1)
+    torch.testing.assert_close(q.cluster_size, n_i)
+    torch.testing.assert_close(q.embed_sum, m_i)
+    torch.testing.assert_close(q.embed, codebook)
+    torch.testing.assert_close(q.codebook, codebook)
+
+
+def test_unused_ema_code_keeps_its_value_without_smoothing() -> None:
+    q = _quantizer(EMA_CODES, ema=True, ema_decay=0.5, ema_epsilon=0.0)
+    q(_grid(EMA_VECTORS, 2, 2))
+    torch.testing.assert_close(q.embed[2], torch.tensor(EMA_CODES[2]))
+
+
+class DoublingCollective:
+    """Pretends a second rank saw exactly the same batch."""
+
+    world_size = 2
+    rank = 0
+
+    def __init__(self, quantizer: VectorQuantizer) -> None:
+        self.quantizer = quantizer
+        self.inputs: list[torch.Tensor] = []
+        self.embed_at_call: list[torch.Tensor] = []
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(tensor.clone())
+        self.embed_at_call.append(self.quantizer.embed.clone())
+        return tensor.mul_(2)  # in place, as torch.distributed does
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, tensor])
+
+
+def test_collective_reduces_counts_and_sums_before_the_update() -> None:
+    q = _quantizer(EMA_CODES, ema=True, ema_decay=0.5, ema_epsilon=0.1)
+    fake = DoublingCollective(q)
+    q.collective = fake  # set after construction, as the trainer does
+    out = q(_grid(EMA_VECTORS, 2, 2))
+
+    assert len(fake.inputs) == 2
+    torch.testing.assert_close(fake.inputs[0], torch.tensor(EMA_COUNTS))
+    torch.testing.assert_close(fake.inputs[1], torch.tensor(EMA_SUMS))
+    for embed in fake.embed_at_call:
+        torch.testing.assert_close(embed, torch.tensor(EMA_CODES))
+    # The returned counts stay this process's own, even with an in-place collective.
+    assert out.counts.tolist() == EMA_COUNTS
+
+    doubled_sums = [[2 * s for s in row] for row in EMA_SUMS]
+    n_i, m_i, codebook = _hand_ema([2 * c for c in EMA_COUNTS], doubled_sums, 0.5, 0.1)
+    torch.testing.assert_close(q.cluster_size, n_i)
+    torch.testing.assert_close(q.embed_sum, m_i)
+    torch.testing.assert_close(q.embed, codebook)
+    # Doubling changed the result: the single-process update differs.
+    _, _, local = _hand_ema(EMA_COUNTS, EMA_SUMS, 0.5, 0.1)
+    assert not torch.allclose(q.embed, local)
+
+    q.eval()
+    q(_grid(EMA_VECTORS, 2, 2))
+    assert len(fake.inputs) == 2  # no collective outside training
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_state_dict_holds_only_codebook_state(ema: bool) -> None:
+    q = VectorQuantizer(8, 3, ema=ema)
+    q.collective = DoublingCollective(q)
+    expected = {"embed", "cluster_size", "embed_sum"} if ema else {"embed"}
+    assert set(q.state_dict()) == expected
+    fresh = VectorQuantizer(8, 3, ema=ema)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh.codebook, q.codebook)
+
+
+def test_initialisation() -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(64, 8)
+    assert isinstance(q.embed, torch.nn.Parameter)
+    assert q.codebook.shape == (64, 8)
+    assert q.codebook.abs().max().item() <= 1 / 64
+    e = VectorQuantizer(64, 8, ema=True)
+    assert e.cluster_size.tolist() == [1.0] * 64
+    assert torch.equal(e.embed_sum, e.embed)
+    assert list(e.parameters()) == []
+    assert all(b.dtype == torch.float32 for b in e.buffers())
+
+
+def test_lookup_inverts_forward_indices() -> None:
+    torch.manual_seed(1)
+    q = VectorQuantizer(32, 6)
+    out = q(torch.randn(3, 6, 4, 5))
+    looked_up = q.lookup(out.indices)
+    assert looked_up.shape == (3, 6, 4, 5)
+    torch.testing.assert_close(looked_up, out.quantized)
+
+
+def test_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(2)
+    q = VectorQuantizer(64, 8, ema=True)
+    z = torch.randn(2, 8, 4, 4).to(torch.bfloat16)
+    reference = q.search(z.float().permute(0, 2, 3, 1).reshape(-1, 8), q.codebook).indices.reshape(
+        2, 4, 4
+    )
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = q(z)
+        looked_up = q.lookup(out.indices)
+    assert torch.equal(out.indices, reference)
+    assert out.quantized.dtype == torch.float32 and looked_up.dtype == torch.float32
+    assert out.commitment_loss.dtype == torch.float32
+    assert q.embed.dtype == torch.float32 and q.embed_sum.dtype == torch.float32
+    assert math.isfinite(out.loss.item())

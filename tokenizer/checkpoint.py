@@ -1,0 +1,155 @@
+"""Training state (for resume) and the release format (config.json + model.safetensors).
+
+A training checkpoint is a folder `run_dir/checkpoints/step_XXXXXXXX/`, written under a
+`.tmp` name and renamed once every rank has finished writing, so a killed run never
+leaves a checkpoint that looks complete but is not. It holds Accelerate's state (model,
+optimiser, per-rank RNG, registered objects such as the LR scheduler), `trainer.json`
+(the step) and one `data_rank{r}.json` per rank (that rank's stream position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+RELEASE_CONFIG = "config.json"
+RELEASE_WEIGHTS = "model.safetensors"
+RELEASE_FORMAT = "vq-tokenizer"
+RELEASE_VERSION = 1
+
+
+@dataclass
+class ResumedState:
+    step: int
+    data_state: dict[str, Any] | None  # this rank's stream position, None if absent
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp` folder is an interrupted save)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
+    """`auto` -> newest checkpoint of run_dir (None when there is none); a path -> that path."""
+    if resume is None or resume in ("", "none", "None"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not (path / "trainer.json").is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no trainer.json)")
+    return path
+
+
+def save_training_state(
+    accelerator, run_dir: str | Path, step: int, data_state: dict[str, Any], keep_last: int
+) -> Path:
+    """Every rank calls this at the same step; returns the final checkpoint path."""
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    rank = accelerator.process_index
+    _write_json(tmp / f"data_rank{rank}.json", data_state)
+    if accelerator.is_main_process:
+        _write_json(tmp / "trainer.json", {"step": step, "world_size": accelerator.num_processes})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator, path: Path) -> ResumedState:
+    accelerator.load_state(str(path))
+    trainer = json.loads((path / "trainer.json").read_text())
+    data_file = path / f"data_rank{accelerator.process_index}.json"
+    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
+    return ResumedState(step=int(trainer["step"]), data_state=data_state)
+
+
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Model weights of a training checkpoint, with any DDP `module.` prefix removed."""
+    weights_file = path / RELEASE_WEIGHTS
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{path}: no {RELEASE_WEIGHTS} in this checkpoint")
+    weights = load_file(str(weights_file))
+    return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
+def write_release(directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(directory / RELEASE_WEIGHTS))
+    body = {"format": RELEASE_FORMAT, "format_version": RELEASE_VERSION, **config}
+    _write_json(directory / RELEASE_CONFIG, body)
+    return directory
+
+
+def read_release(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, weights) of a release directory; safetensors + JSON, nothing unpickled."""
+    directory = Path(directory)
+    for name in (RELEASE_CONFIG, RELEASE_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: not a tokenizer release (missing {name})")
+    config = json.loads((directory / RELEASE_CONFIG).read_text())
+    if config.get("format") != RELEASE_FORMAT:
+        raise ValueError(f"{directory / RELEASE_CONFIG}: format is {config.get('format')!r}, "
+                         f"expected {RELEASE_FORMAT!r}")
+    return config, load_file(str(directory / RELEASE_WEIGHTS))
+
+
+def check_weights_match(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str
+) -> None:
+    """Refuse weights that do not fit the model built from the config, naming the tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        raise ValueError(f"{source}: tensor '{missing[0]}' is missing from the weights "
+                         f"({len(missing)} missing in all) - config and weights disagree")
+    if unexpected:
+        raise ValueError(f"{source}: tensor '{unexpected[0]}' is not part of the model "
+                         f"built from the config ({len(unexpected)} unexpected in all)")
+    for name, tensor in expected.items():
+        if tuple(found[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source}: tensor '{name}' has shape {tuple(found[name].shape)}, "
+                             f"the config gives {tuple(tensor.shape)}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,182 @@
+"""The one typed configuration object, built from YAML files plus `key=value` overrides.
+
+Users script against these key names; renaming one is a breaking change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or gives a value of the wrong type."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vqvae"
+    in_channels: int = 3
+    # One entry per stride-2 downsampling: the encoder's widths, mirrored by the decoder.
+    # The downsampling factor is 2 ** len(channels).
+    channels: list[int] = field(default_factory=lambda: [128, 256])
+    num_res_blocks: int = 2
+    # Width inside each residual block (ReLU, 3x3 conv, ReLU, 1x1 conv).
+    res_channels: int = 64
+
+
+@dataclass
+class QuantizerConfig:
+    codebook_size: int = 512
+    code_dim: int = 64
+    beta: float = 0.25
+    ema: bool = False
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    # Nearest-neighbour backend: "torch" (exact, chunked).
+    search: str = "torch"
+    # Query rows per search chunk; 0 sizes chunks so a distance tile stays near 64M floats.
+    search_chunk: int = 0
+
+
+@dataclass
+class DataConfig:
+    # A brace pattern ("data/{000000..000099}.tar") or a list of paths/patterns.
+    train_shards: Any = None
+    eval_shards: Any = None
+    resolution: int = 64
+    num_workers: int = 1
+    shuffle_buffer: int = 256
+    random_flip: bool = True
+    # Batches each worker prepares ahead of the training step.
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # per rank, per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # "no" or "bf16"
+
+
+@dataclass
+class LossConfig:
+    reconstruction: str = "mse"  # "mse" (the paper) or "l1"
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    image_every: int = 200
+    num_images: int = 8
+    tensorboard: bool = True
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # "auto" (newest checkpoint in run.dir, if any), a checkpoint path, or None.
+    resume: str | None = None
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    kind = "unknown key" if isinstance(err, ConfigKeyError) else "invalid value"
+    return ConfigError(f"{source}: {kind} '{key}': {first_line}")
+
+
+def load_config(*yaml_files: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Merge YAML files (later wins) then `a.b=value` overrides onto the defaults.
+
+    An unknown key or a value of the wrong type raises ConfigError naming the key and
+    the file or override it came from.
+    """
+    merged: DictConfig = OmegaConf.structured(Config)
+    for path in yaml_files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path)) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override {item!r}") from None
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that types alone cannot express."""
+    checks = [
+        (cfg.train.mixed_precision in ("no", "bf16"), "train.mixed_precision must be 'no' or 'bf16'"),
+        (cfg.loss.reconstruction in ("mse", "l1"), "loss.reconstruction must be 'mse' or 'l1'"),
+        (cfg.quantizer.codebook_size > 0, "quantizer.codebook_size must be positive"),
+        (cfg.quantizer.code_dim > 0, "quantizer.code_dim must be positive"),
+        (0.0 < cfg.quantizer.ema_decay < 1.0, "quantizer.ema_decay must be in (0, 1)"),
+        (len(cfg.model.channels) >= 1, "model.channels needs at least one entry"),
+        (cfg.train.batch_size > 0, "train.batch_size must be positive"),
+        (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
+        (cfg.data.resolution % 2 ** len(cfg.model.channels) == 0,
+         "data.resolution must be divisible by the downsampling factor 2**len(model.channels)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from a plain dict (a saved run's config), refusing unknown keys."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(data))
+    except OmegaConfBaseException as err:
+        raise _explain(err, "saved config") from None
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

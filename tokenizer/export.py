@@ -1,0 +1,32 @@
+"""Run directory (config.yaml + checkpoints) -> release directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizer.api import Tokenizer
+from tokenizer.checkpoint import latest_checkpoint, load_checkpoint_weights
+from tokenizer.config import load_config
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    checkpoint: Path
+    step: int
+
+
+def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) -> ExportResult:
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml - is this a run directory?")
+    checkpoint = checkpoint or latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/")
+    cfg = load_config(config_file)
+    tok = Tokenizer.from_config(cfg, load_checkpoint_weights(checkpoint), str(checkpoint))
+    tok.save_pretrained(output)
+    step = json.loads((checkpoint / "trainer.json").read_text())["step"]
+    return ExportResult(directory=output, checkpoint=checkpoint, step=step)

@@ -1,0 +1,38 @@
+"""Training objective: reconstruction + the quantizer's VQ terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenizer.models import VQVAEOutput
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor  # what backward() sees
+    reconstruction: torch.Tensor
+    codebook: torch.Tensor
+    commitment: torch.Tensor  # unweighted; total carries beta * commitment
+
+
+def reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean over pixels, in fp32 so bf16 autocast does not round small errors away."""
+    if kind == "mse":
+        return F.mse_loss(reconstruction.float(), images.float())
+    if kind == "l1":
+        return F.l1_loss(reconstruction.float(), images.float())
+    raise ValueError(f"loss.reconstruction: unknown kind {kind!r} (mse, l1)")
+
+
+def vqvae_loss(images: torch.Tensor, output: VQVAEOutput, kind: str) -> LossTerms:
+    recon = reconstruction_loss(images, output.reconstruction, kind)
+    q = output.quantizer
+    return LossTerms(
+        total=recon + q.loss,
+        reconstruction=recon,
+        codebook=q.codebook_loss,
+        commitment=q.commitment_loss,
+    )

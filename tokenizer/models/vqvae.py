@@ -1,0 +1,73 @@
+"""VQ-VAE (van den Oord et al. 2017): encoder, vector quantizer, decoder. Computes only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from tokenizer.config import ModelConfig, QuantizerConfig
+from tokenizer.nn import Decoder, Encoder
+from tokenizer.quantize import QuantizerOutput, VectorQuantizer, build_search
+
+
+@dataclass
+class VQVAEOutput:
+    reconstruction: Tensor  # (B, 3, H, W)
+    quantizer: QuantizerOutput
+
+
+class VQVAE(nn.Module):
+    def __init__(self, model: ModelConfig, quantizer: QuantizerConfig) -> None:
+        super().__init__()
+        self._downsample_factor = 2 ** len(model.channels)
+        self.encoder = Encoder(
+            in_channels=model.in_channels,
+            channels=list(model.channels),
+            num_res_blocks=model.num_res_blocks,
+            res_channels=model.res_channels,
+            code_dim=quantizer.code_dim,
+        )
+        self.quantizer = VectorQuantizer(
+            codebook_size=quantizer.codebook_size,
+            code_dim=quantizer.code_dim,
+            beta=quantizer.beta,
+            ema=quantizer.ema,
+            ema_decay=quantizer.ema_decay,
+            ema_epsilon=quantizer.ema_epsilon,
+            search=build_search(quantizer.search, quantizer.search_chunk),
+        )
+        self.decoder = Decoder(
+            in_channels=model.in_channels,
+            channels=list(model.channels),
+            num_res_blocks=model.num_res_blocks,
+            res_channels=model.res_channels,
+            code_dim=quantizer.code_dim,
+        )
+
+    @property
+    def downsample_factor(self) -> int:
+        return self._downsample_factor
+
+    @property
+    def codebook_size(self) -> int:
+        return self.quantizer.codebook_size
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> z_e (B, D, H/f, W/f)."""
+        return self.encoder(x)
+
+    def quantize(self, z_e: Tensor) -> QuantizerOutput:
+        return self.quantizer(z_e)
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        """(B, D, h, w) -> (B, 3, h*f, w*f)."""
+        return self.decoder(z_q)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Code grid (B, h, w) -> images (B, 3, h*f, w*f)."""
+        return self.decode(self.quantizer.lookup(indices))  # (B, D, h, w) in between
+
+    def forward(self, x: Tensor) -> VQVAEOutput:
+        q = self.quantize(self.encode(x))
+        return VQVAEOutput(reconstruction=self.decode(q.quantized), quantizer=q)

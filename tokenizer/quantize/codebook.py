@@ -1,0 +1,67 @@
+"""Codebook math as pure functions of tensors: no module state, no torch.distributed.
+
+The quantizer (or a test) owns the state and the collectives; these functions only
+compute, so the same update runs single-process and on many ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EMAState:
+    cluster_size: Tensor  # (K,) EMA of per-code counts, N_i
+    embed_sum: Tensor  # (K, D) EMA of per-code sums of assigned vectors, m_i
+    codebook: Tensor  # (K, D) e_i = m_i / N_i' (Laplace-smoothed N_i)
+
+
+def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
+    """How many times each code was chosen: (any shape) int64 -> (K,) float32."""
+    return torch.bincount(indices.reshape(-1), minlength=codebook_size).float()  # (K,)
+
+
+def code_sums(flat: Tensor, indices: Tensor, codebook_size: int) -> Tensor:
+    """Sum of the vectors assigned to each code: flat (N, D), indices (N,) -> (K, D)."""
+    sums = flat.new_zeros(codebook_size, flat.shape[1])  # (K, D)
+    return sums.index_add_(0, indices, flat)
+
+
+def ema_update(
+    cluster_size: Tensor,
+    embed_sum: Tensor,
+    batch_counts: Tensor,
+    batch_sums: Tensor,
+    decay: float,
+    epsilon: float,
+) -> EMAState:
+    """One EMA codebook step (VQ-VAE paper, appendix A.1); returns new tensors.
+
+    N_i <- g N_i + (1 - g) n_i;  m_i <- g m_i + (1 - g) sum_i;  e_i = m_i / N_i', with
+    Laplace smoothing N_i' = (N_i + eps) / (n + K eps) * n, n = sum_i N_i, so that a
+    code with N_i -> 0 does not divide by zero while the total mass n is kept.
+    """
+    cluster_size = cluster_size * decay + batch_counts * (1.0 - decay)  # (K,)
+    embed_sum = embed_sum * decay + batch_sums * (1.0 - decay)  # (K, D)
+    n = cluster_size.sum()
+    k = cluster_size.shape[0]
+    smoothed = (cluster_size + epsilon) / (n + k * epsilon) * n  # (K,)
+    codebook = embed_sum / smoothed.unsqueeze(1)  # (K, D)
+    return EMAState(cluster_size=cluster_size, embed_sum=embed_sum, codebook=codebook)
+
+
+def perplexity(counts: Tensor) -> Tensor:
+    """exp(entropy) of the code distribution: K when all codes are used evenly, 1 when
+    one code takes everything (and 1 for all-zero counts)."""
+    probs = counts.float() / counts.float().sum().clamp_min(1e-12)  # (K,)
+    # xlogy treats 0 * log 0 as 0, so unused codes add nothing to the entropy.
+    entropy = -torch.special.xlogy(probs, probs).sum()
+    return entropy.exp()
+
+
+def usage(counts: Tensor) -> Tensor:
+    """Fraction of codes chosen at least once."""
+    return (counts > 0).float().mean()
