@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 # A CPU build of torch lies on disk here; a bare `torch` would download a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,faiss,deepspeed
 
 .PHONY: setup demo test lint clean
 
@@ -18,15 +18,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
+# accelerate launch sets OMP_NUM_THREADS=1 unless told otherwise: give the one process both cores.
 ACCELERATE_1CPU := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 \
-	--mixed_precision no --dynamo_backend no
+	--num_cpu_threads_per_process 2 --mixed_precision no --dynamo_backend no
 
 demo: setup
 	$(BIN)/python tools/make_shards.py --sample-images --output data/demo
 	$(ACCELERATE_1CPU) launch/train.py --config configs/demo.yaml
 	$(BIN)/python tools/export_tokenizer.py --run runs/demo --output runs/demo/release
 	$(BIN)/python tools/eval_tokenizer.py --tokenizer runs/demo/release \
-		--shards 'data/demo/eval/{000000..000000}.tar' --grid runs/demo/reconstructions.png
+		--shards 'data/demo/eval/{000000..000001}.tar' --grid runs/demo/reconstructions.png
 
 test: setup
 	$(BIN)/python -m pytest -q

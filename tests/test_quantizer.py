@@ -233,7 +233,8 @@ def test_collective_reduces_counts_and_sums_before_the_update() -> None:
 def test_state_dict_holds_only_codebook_state(ema: bool) -> None:
     q = VectorQuantizer(8, 3, ema=ema)
     q.collective = DoublingCollective(q)
-    expected = {"embed", "cluster_size", "embed_sum"} if ema else {"embed"}
+    tracking = {"initialized", "usage_ema"}
+    expected = tracking | ({"embed", "cluster_size", "embed_sum"} if ema else {"embed"})
     assert set(q.state_dict()) == expected
     fresh = VectorQuantizer(8, 3, ema=ema)
     fresh.load_state_dict(q.state_dict())
@@ -250,7 +251,7 @@ def test_initialisation() -> None:
     assert e.cluster_size.tolist() == [1.0] * 64
     assert torch.equal(e.embed_sum, e.embed)
     assert list(e.parameters()) == []
-    assert all(b.dtype == torch.float32 for b in e.buffers())
+    assert all(b.dtype == torch.float32 for b in e.buffers() if b.is_floating_point())
 
 
 def test_lookup_inverts_forward_indices() -> None:
@@ -277,3 +278,66 @@ def test_fp32_under_bf16_autocast() -> None:
     assert out.commitment_loss.dtype == torch.float32
     assert q.embed.dtype == torch.float32 and q.embed_sum.dtype == torch.float32
     assert math.isfinite(out.loss.item())
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_data_init_puts_every_code_on_an_encoder_output(ema: bool) -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 4, ema=ema, init="data")
+    z = torch.randn(2, 4, 4, 4) * 5 + 3  # 32 vectors far from the random init
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    before = q.codebook.detach().clone()
+    q.eval()
+    q(z)  # evaluation never initialises
+    assert torch.equal(q.codebook, before) and not q.initialized
+    q.train()
+    out = q(z)
+    assert q.initialized
+    # Before the EMA step every code was one of the batch vectors, all distinct: each
+    # vector is then its own nearest code, so the quantisation error is zero.
+    assert out.indices.unique().numel() == 16
+    if not ema:
+        gap = (q.codebook.detach()[:, None] - flat[None]).abs().amax(-1)  # (K, N)
+        assert gap.min(dim=1).values.max() == 0
+    # A second step does not re-initialise.
+    snapshot = q.codebook.detach().clone()
+    q(z * 0 + 100.0)
+    assert not ema or not torch.equal(q.codebook, snapshot)
+    if not ema:
+        torch.testing.assert_close(q.codebook.detach(), snapshot)
+
+
+def test_dead_code_is_restarted_then_used() -> None:
+    torch.manual_seed(0)
+    codes = [[0.0, 0.0], [1.0, 1.0], [50.0, 50.0]]  # code 2 is far from all data
+    q = _quantizer(codes, ema=True, ema_decay=0.5, ema_epsilon=0.0, restart_threshold=0.5)
+    z = _grid([[0.1, 0.0], [0.9, 1.0], [1.0, 0.9], [0.0, 0.1]], 2, 2)
+    q.train()
+    q(z)  # first step: every code starts at usage 2 * 0.5; code 2 gets 0 -> usage 0.5
+    assert torch.equal(q.codebook[2], torch.tensor([50.0, 50.0]))
+    q(z)  # usage of code 2 -> 0.25 < 0.5: restarted at one of the batch vectors
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert (q.codebook[2:3] - flat).abs().amax(-1).min() == 0
+    torch.testing.assert_close(q.usage_ema[2], torch.tensor(1.0))  # the grace value again
+    out = q(z)
+    assert (out.indices == 2).any()  # the restarted code now wins some vectors
+
+
+def test_restart_broadcasts_rank0_vectors() -> None:
+    class FixedBroadcast(DoublingCollective):
+        world_size = 1
+
+        def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+            return tensor
+
+        def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+            self.inputs.append(tensor.clone())
+            return tensor.fill_(7.0)  # what rank 0 sent
+
+    # Usage after one step is at most 0.1 * 20 + 0.9 * 1 < 10: every code is dead.
+    q = _quantizer([[0.0, 0.0], [9.0, 9.0]], ema_decay=0.1, restart_threshold=10.0)
+    q.collective = FixedBroadcast(q)
+    q.train()
+    q(_grid([[0.0, 0.1]], 1, 1))
+    assert len(q.collective.inputs) == 1
+    assert torch.equal(q.codebook.detach(), torch.full((2, 2), 7.0))

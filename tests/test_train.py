@@ -86,7 +86,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, shards):
     for step in range(1, 41):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), f"step {step}"
     # Training made progress, and the end states are the same weights and EMA buffers.
-    assert np.mean([a[s] for s in range(36, 41)]) < 0.5 * np.mean([a[s] for s in range(1, 6)])
+    assert np.mean([a[s] for s in range(36, 41)]) < 0.7 * np.mean([a[s] for s in range(1, 6)])
     wa = load_checkpoint_weights(latest_checkpoint(straight))
     wb = load_checkpoint_weights(latest_checkpoint(interrupted))
     assert wa.keys() == wb.keys()

@@ -39,15 +39,37 @@ class ModelConfig:
 @dataclass
 class QuantizerConfig:
     codebook_size: int = 512
+    # Dimension of the encoder output the quantizer receives (and the decoder takes back).
     code_dim: int = 64
+    # Project code_dim -> lookup_dim before the search and back after it (ViT-VQGAN,
+    # LlamaGen, VQGAN-LC: 8 or 32); the codebook then holds lookup_dim vectors. 0: no projection.
+    lookup_dim: int = 0
+    # Compare l2-normalised vectors (cosine similarity), as in ViT-VQGAN and LlamaGen.
+    l2_normalize: bool = False
     beta: float = 0.25
     ema: bool = False
     ema_decay: float = 0.99
     ema_epsilon: float = 1e-5
-    # Nearest-neighbour backend: "torch" (exact, chunked).
+    # "random" (the paper), "data" (codes set to encoder outputs of the first training
+    # batch) or "kmeans" (k-means over the first encoder outputs).
+    init: str = "random"
+    kmeans_iters: int = 20
+    # A code whose EMA usage (assignments per step, decayed with ema_decay) falls under
+    # restart_threshold, or that no vector chose for restart_unused_steps steps, is
+    # restarted at a random recent encoder output; 0 disables each rule.
+    restart_threshold: float = 0.0
+    restart_unused_steps: int = 0
+    # Nearest-neighbour backend: "torch" (exact, chunked), "faiss" (exact; GPU when the
+    # faiss build has it), "faiss-ivf" (approximate, for huge K) or "auto".
     search: str = "torch"
     # Query rows per search chunk; 0 sizes chunks so a distance tile stays near 64M floats.
     search_chunk: int = 0
+    # faiss-ivf: inverted lists (0: about 4 * sqrt(K)), lists probed per query, steps
+    # between index rebuilds as the codebook moves, and queries sampled to measure recall.
+    ivf_nlist: int = 0
+    ivf_nprobe: int = 8
+    ivf_rebuild_every: int = 100
+    ivf_recall_samples: int = 1024
 
 
 @dataclass
@@ -153,6 +175,12 @@ def validate(cfg: Config) -> None:
         (cfg.loss.reconstruction in ("mse", "l1"), "loss.reconstruction must be 'mse' or 'l1'"),
         (cfg.quantizer.codebook_size > 0, "quantizer.codebook_size must be positive"),
         (cfg.quantizer.code_dim > 0, "quantizer.code_dim must be positive"),
+        (cfg.quantizer.init in ("random", "data", "kmeans"),
+         "quantizer.init must be 'random', 'data' or 'kmeans'"),
+        (cfg.quantizer.search in ("torch", "faiss", "faiss-ivf", "auto"),
+         "quantizer.search must be 'torch', 'faiss', 'faiss-ivf' or 'auto'"),
+        (cfg.quantizer.restart_threshold >= 0, "quantizer.restart_threshold must be >= 0"),
+        (cfg.quantizer.lookup_dim >= 0, "quantizer.lookup_dim must be >= 0 (0: no projection)"),
         (0.0 < cfg.quantizer.ema_decay < 1.0, "quantizer.ema_decay must be in (0, 1)"),
         (len(cfg.model.channels) >= 1, "model.channels needs at least one entry"),
         (cfg.train.batch_size > 0, "train.batch_size must be positive"),

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from tokenizer.data import ImageBatch
-from tokenizer.metrics import codebook_perplexity, codebook_usage, psnr_per_image
+from tokenizer.metrics import psnr_per_image
 from tokenizer.models import VQVAE
+from tokenizer.quantize.codebook import perplexity, usage
 
 
 @dataclass
@@ -51,7 +52,7 @@ def evaluate(
     n = int(num_images.item())
     return EvalResult(
         psnr=(psnr_sum / max(n, 1)).item(),
-        usage=codebook_usage(counts),
-        perplexity=codebook_perplexity(counts),
+        usage=usage(counts).item(),
+        perplexity=perplexity(counts).item(),
         num_images=n,
     )

@@ -27,8 +27,9 @@ from tokenizer.distributed import current_collective
 from tokenizer.evaluate import EvalResult, evaluate
 from tokenizer.imaging import save_image_grid
 from tokenizer.losses import vqvae_loss
-from tokenizer.metrics import codebook_perplexity, codebook_usage, psnr_per_image
+from tokenizer.metrics import psnr_per_image
 from tokenizer.models import VQVAE, build_model
+from tokenizer.quantize.codebook import perplexity, usage
 
 logger = logging.getLogger("tokenizer.train")
 
@@ -85,8 +86,8 @@ class _Window:
             "loss/codebook": (sums[2] / micro).item(),
             "loss/commitment": (sums[3] / micro).item(),
             "psnr": (sums[4] / sums[5].clamp_min(1)).item(),
-            "codebook/usage": codebook_usage(counts),
-            "codebook/perplexity": codebook_perplexity(counts),
+            "codebook/usage": usage(counts).item(),
+            "codebook/perplexity": perplexity(counts).item(),
             "images_per_s": sums[5].item() / elapsed,
         }
 

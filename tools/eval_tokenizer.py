@@ -1,7 +1,7 @@
 """Evaluate a released tokenizer on held-out shards: PSNR, codebook usage, perplexity.
 
     python tools/eval_tokenizer.py --tokenizer runs/demo/release \
-        --shards 'data/demo/eval/{000000..000000}.tar' --grid runs/demo/reconstructions.png
+        --shards 'data/demo/eval/{000000..000001}.tar' --grid runs/demo/reconstructions.png
 """
 
 from __future__ import annotations

@@ -78,9 +78,8 @@ def expand_shards(spec: str | Sequence[str] | None) -> list[str]:
 
 
 def check_shards_exist(paths: Sequence[str]) -> None:
-    """Raise FileNotFoundError naming every missing shard (or saying none were given)."""
-    if not paths:
-        raise FileNotFoundError("no shards given (the shard list or pattern is empty)")
+    """Raise FileNotFoundError naming every missing shard. An empty list passes: whether
+    shards are required (train) or optional (eval) is the caller's call."""
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         shown = ", ".join(missing[:10])
@@ -130,13 +129,14 @@ def _read_tar(path: str, on_error: Callable[[str], None]) -> Iterator[_Raw]:
                 if parts is None:
                     continue
                 key, ext = parts
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                # A new key completes the previous sample: hand it out before reading
+                # on, so a break in this member's data cannot take it down too.
                 if current is not None and current.key != key:
                     yield current
                     current = None
                 if current is None:
                     current = _Raw(key, path, {})
-                current.fields[ext] = data
+                current.fields[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
         if current is not None:
             yield current
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
@@ -301,8 +301,8 @@ def _train_items(
     random_flip: bool,
     start: StreamPosition,
 ) -> Iterator[_Item]:
-    # In the fallback every slot reads every shard; only slot 0 reports a broken tar, so
-    # it is counted once per rank group rather than once per slot.
+    # In the fallback every slot reads every shard; only slot 0 (rank 0, first worker)
+    # reports a broken tar, so it is counted once in all rather than once per slot.
     errors = _ErrorCount(report=len(shards) >= nslots or slot == 0)
     epoch = start.epoch
     while True:
@@ -310,7 +310,8 @@ def _train_items(
         raws = _slot_samples(shards, order, slot, nslots, errors)
         skip = start.next_index if epoch == start.epoch else 0
         emitted = decoded = 0
-        for i, raw in enumerate(_shuffle(raws, shuffle_buffer, random.Random(_seed(seed, _SHUFFLE, epoch, slot)))):
+        shuffled = _shuffle(raws, shuffle_buffer, random.Random(_seed(seed, _SHUFFLE, epoch, slot)))
+        for i, raw in enumerate(shuffled):
             emitted += 1
             tar_errors = errors.take()
             if i < skip:
@@ -326,7 +327,7 @@ def _train_items(
         if emitted == 0:
             raise RuntimeError(
                 f"slot {slot} of {nslots} got no samples in epoch {epoch} from {len(shards)} "
-                f"shards: {', '.join(shards[:10])}"
+                f"shards (fewer samples than ranks x workers?): {', '.join(shards[:10])}"
             )
         if decoded == 0 and skip == 0:
             raise RuntimeError(
@@ -406,6 +407,7 @@ class StreamTracker:
         layout = dict(state.get("layout", {}))
         self.batches_consumed = int(state["batches_consumed"])
         self.bad_samples = int(state.get("bad_samples", 0))
+
         def without_rank(d: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in d.items() if k != "rank"}
 
@@ -477,6 +479,8 @@ def make_train_loader(
     resume exactly. Do not pass the loader through accelerate's prepare().
     """
     shards = expand_shards(shards)
+    if not shards:
+        raise ValueError("no training shards given (the shard list or pattern is empty)")
     check_shards_exist(shards)
     num_streams = max(1, cfg.num_workers)
     if len(shards) < world_size * num_streams:
@@ -526,7 +530,9 @@ def make_train_loader(
 # --------------------------------------------------------------------------- eval
 
 
-def _eval_items(shards: Sequence[str], resolution: int, rank: int, world_size: int) -> Iterator[_Item]:
+def _eval_items(
+    shards: Sequence[str], resolution: int, rank: int, world_size: int
+) -> Iterator[_Item]:
     errors = _ErrorCount(report=True)
     if len(shards) >= world_size:
         raws: Iterable[_Raw] = (r for s in shards[rank::world_size] for r in _read_tar(s, errors))

@@ -35,6 +35,8 @@ class VQVAE(nn.Module):
             ema=quantizer.ema,
             ema_decay=quantizer.ema_decay,
             ema_epsilon=quantizer.ema_epsilon,
+            init=quantizer.init,
+            restart_threshold=quantizer.restart_threshold,
             search=build_search(quantizer.search, quantizer.search_chunk),
         )
         self.decoder = Decoder(

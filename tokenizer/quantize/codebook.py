@@ -65,3 +65,18 @@ def perplexity(counts: Tensor) -> Tensor:
 def usage(counts: Tensor) -> Tensor:
     """Fraction of codes chosen at least once."""
     return (counts > 0).float().mean()
+
+
+def sample_rows(flat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
+    """`num` rows of flat (N, D) drawn at random: without replacement when N >= num."""
+    n = flat.shape[0]
+    if n >= num:
+        picks = torch.randperm(n, generator=generator, device="cpu")[:num]
+    else:
+        picks = torch.randint(0, n, (num,), generator=generator, device="cpu")
+    return flat[picks.to(flat.device)]  # (num, D)
+
+
+def dead_codes(usage_ema: Tensor, threshold: float) -> Tensor:
+    """Indices of codes whose EMA usage (assignments per step) fell under threshold."""
+    return torch.nonzero(usage_ema < threshold).flatten()  # (num_dead,)

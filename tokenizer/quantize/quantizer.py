@@ -10,7 +10,13 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tokenizer.distributed import Collective, LocalCollective
-from tokenizer.quantize.codebook import code_counts, code_sums, ema_update
+from tokenizer.quantize.codebook import (
+    code_counts,
+    code_sums,
+    dead_codes,
+    ema_update,
+    sample_rows,
+)
 from tokenizer.quantize.search import NearestNeighbourSearch, TorchSearch
 
 
@@ -44,6 +50,8 @@ class VectorQuantizer(nn.Module):
         ema: bool = False,
         ema_decay: float = 0.99,
         ema_epsilon: float = 1e-5,
+        init: str = "random",
+        restart_threshold: float = 0.0,
         search: NearestNeighbourSearch | None = None,
         collective: Collective | None = None,
     ) -> None:
@@ -54,6 +62,10 @@ class VectorQuantizer(nn.Module):
         self.ema = ema
         self.ema_decay = ema_decay
         self.ema_epsilon = ema_epsilon
+        if init not in ("random", "data"):
+            raise ValueError(f"init must be 'random' or 'data', got {init!r}")
+        self.init = init
+        self.restart_threshold = restart_threshold
         # Plain attributes, not submodules or buffers: the trainer swaps the collective
         # after construction, and neither belongs in a state_dict.
         self.search: NearestNeighbourSearch = search if search is not None else TorchSearch()
@@ -71,6 +83,11 @@ class VectorQuantizer(nn.Module):
             # The paper's reference code: uniform(-1/K, 1/K).
             bound = 1.0 / codebook_size
             self.embed = nn.Parameter(torch.empty(codebook_size, code_dim).uniform_(-bound, bound))
+        # Set by the first training step: data init and the usage baseline happen there,
+        # once, and a resumed run must not redo them.
+        self.register_buffer("initialized", torch.tensor(False))
+        # EMA of global per-code assignments per step: the dead-code detector.
+        self.register_buffer("usage_ema", torch.zeros(codebook_size))  # (K,)
 
     @property
     def codebook(self) -> Tensor:
@@ -83,6 +100,8 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             z32 = z.float()  # (B, D, h, w)
             flat = rearrange(z32, "b d h w -> (b h w) d")  # (N, D)
+            if self.training and not self.initialized:
+                self._first_step(flat.detach())
             codebook = self.embed.float()  # (K, D)
             indices = self.search(flat.detach(), codebook.detach()).indices  # (N,)
             z_q = F.embedding(indices, codebook)  # (N, D); carries grad to a trained codebook
@@ -95,8 +114,8 @@ class VectorQuantizer(nn.Module):
             loss = codebook_loss + self.beta * commitment_loss
 
             counts = code_counts(indices, self.codebook_size)  # (K,)
-            if self.ema and self.training:
-                self._ema_step(flat.detach(), indices, counts)
+            if self.training:
+                self._update_codebook(flat.detach(), indices, counts)
 
             z_q = rearrange(z_q, "(b h w) d -> b d h w", b=b, h=h, w=w)  # (B, D, h, w)
             # Straight-through: forward value z_q, gradient copied unchanged to z_e.
@@ -112,23 +131,55 @@ class VectorQuantizer(nn.Module):
         )
 
     @torch.no_grad()
-    def _ema_step(self, flat: Tensor, indices: Tensor, counts: Tensor) -> None:
-        # flat (N, D) fp32, indices (N,), counts (K,). Cloned because a real collective
-        # reduces in place and `counts` is returned as this process's own counts.
+    def _first_step(self, flat: Tensor) -> None:
+        # flat (N, D) fp32 of this rank; rank 0's draw is broadcast so all ranks agree.
+        if self.init == "data":
+            start = self.collective.broadcast(sample_rows(flat, self.codebook_size), src=0)
+            self._set_codes(torch.arange(self.codebook_size, device=flat.device), start)
+        self.usage_ema.fill_(self._grace_usage())
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _update_codebook(self, flat: Tensor, indices: Tensor, counts: Tensor) -> None:
+        # flat (N, D) fp32, indices (N,), counts (K,). Counts are cloned because a real
+        # collective reduces in place and `counts` is returned as this process's own.
         total_counts = self.collective.all_reduce_sum(counts.clone())  # (K,)
-        total_sums = self.collective.all_reduce_sum(code_sums(flat, indices, self.codebook_size))
-        state = ema_update(
-            self.cluster_size,
-            self.embed_sum,
-            total_counts,
-            total_sums,
-            decay=self.ema_decay,
-            epsilon=self.ema_epsilon,
-        )
-        # In place: optimisers, DDP and checkpoints hold references to these buffers.
-        self.cluster_size.copy_(state.cluster_size)
-        self.embed_sum.copy_(state.embed_sum)
-        self.embed.copy_(state.codebook)
+        if self.ema:
+            total_sums = self.collective.all_reduce_sum(code_sums(flat, indices, self.codebook_size))
+            state = ema_update(
+                self.cluster_size,
+                self.embed_sum,
+                total_counts,
+                total_sums,
+                decay=self.ema_decay,
+                epsilon=self.ema_epsilon,
+            )
+            # In place: optimisers, DDP and checkpoints hold references to these buffers.
+            self.cluster_size.copy_(state.cluster_size)
+            self.embed_sum.copy_(state.embed_sum)
+            self.embed.copy_(state.codebook)
+        self.usage_ema.mul_(self.ema_decay).add_(total_counts, alpha=1.0 - self.ema_decay)
+        if self.restart_threshold > 0:
+            # usage_ema is built from global counts, so every rank finds the same dead codes
+            # and joins the same broadcast.
+            dead = dead_codes(self.usage_ema, self.restart_threshold)
+            if dead.numel():
+                fresh = self.collective.broadcast(sample_rows(flat, dead.numel()), src=0)
+                self._set_codes(dead, fresh)
+                self.usage_ema[dead] = self._grace_usage()
+
+    def _grace_usage(self) -> float:
+        # A new or restarted code starts at twice the threshold: with decay g it has about
+        # ln(2) / (1 - g) steps (69 at g = 0.99) to attract data before it is restarted.
+        return 2.0 * self.restart_threshold
+
+    def _set_codes(self, which: Tensor, vectors: Tensor) -> None:
+        """Overwrite codes `which` (M,) with vectors (M, D), EMA statistics included."""
+        self.embed.data[which] = vectors.to(self.embed.dtype)
+        if self.ema:
+            # One pseudo-observation of the new value, as at construction.
+            self.cluster_size[which] = 1.0
+            self.embed_sum[which] = vectors
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Codebook vectors for a grid of indices: (B, h, w) -> (B, D, h, w) fp32."""
