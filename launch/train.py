@@ -11,12 +11,22 @@ from tokenizer.train import train
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", action="append", required=True,
-                        help="YAML config; repeat to merge several (later wins)")
-    parser.add_argument("--stop-after", type=int, default=None,
-                        help="save a checkpoint and exit after this step (for time-sliced jobs); "
-                             "the LR schedule still runs to train.max_steps")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="YAML config; repeat to merge several (later wins)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="save a checkpoint and exit after this step (for time-sliced jobs); "
+        "the LR schedule still runs to train.max_steps",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(*args.config, overrides=args.overrides)

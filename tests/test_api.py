@@ -8,8 +8,13 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer import Tokenizer, build_model, load_config
 
-OVERRIDES = ["model.channels=[8,16]", "model.res_channels=8", "quantizer.codebook_size=32",
-             "quantizer.code_dim=4", "data.resolution=16"]
+OVERRIDES = [
+    "model.channels=[8,16]",
+    "model.res_channels=8",
+    "quantizer.codebook_size=32",
+    "quantizer.code_dim=4",
+    "data.resolution=16",
+]
 
 
 @pytest.fixture

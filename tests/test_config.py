@@ -18,8 +18,14 @@ def test_every_shipped_config_loads():
 def test_overrides_win_and_are_typed(tmp_path):
     cfg = load_config(
         ROOT / "configs/demo.yaml",
-        overrides=["train.max_steps=7", "quantizer.codebook_size=1024", "quantizer.ema=false",
-                   "data.train_shards=[a.tar,b.tar]", "resume=null", "model.channels=[8,16,32]"],
+        overrides=[
+            "train.max_steps=7",
+            "quantizer.codebook_size=1024",
+            "quantizer.ema=false",
+            "data.train_shards=[a.tar,b.tar]",
+            "resume=null",
+            "model.channels=[8,16,32]",
+        ],
     )
     assert cfg.train.max_steps == 7
     assert cfg.quantizer.codebook_size == 1024
@@ -30,12 +36,23 @@ def test_overrides_win_and_are_typed(tmp_path):
 
 
 def test_fixed_user_facing_keys_exist():
-    cfg = load_config(overrides=[
-        "run.dir=x", "run.seed=3", "train.max_steps=1", "train.batch_size=2",
-        "data.train_shards=a", "data.eval_shards=b", "data.resolution=32",
-        "quantizer.codebook_size=8", "quantizer.code_dim=4", "quantizer.ema=true",
-        "quantizer.search=torch", "checkpoint.every=5", "resume=auto",
-    ])
+    cfg = load_config(
+        overrides=[
+            "run.dir=x",
+            "run.seed=3",
+            "train.max_steps=1",
+            "train.batch_size=2",
+            "data.train_shards=a",
+            "data.eval_shards=b",
+            "data.resolution=32",
+            "quantizer.codebook_size=8",
+            "quantizer.code_dim=4",
+            "quantizer.ema=true",
+            "quantizer.search=torch",
+            "checkpoint.every=5",
+            "resume=auto",
+        ]
+    )
     assert (cfg.run.dir, cfg.run.seed, cfg.resume) == ("x", 3, "auto")
 
 

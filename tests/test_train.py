@@ -35,24 +35,47 @@ def _png(rng: np.random.Generator, size: int) -> bytes:
 def shards(tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
-    train = ({"__key__": f"img{i:04d}", "png": _png(rng, 32), "txt": f"image {i}"} for i in range(96))
+    train = (
+        {"__key__": f"img{i:04d}", "png": _png(rng, 32), "txt": f"image {i}"} for i in range(96)
+    )
     evals = ({"__key__": f"eval{i:03d}", "png": _png(rng, 32)} for i in range(16))
     n_train = len(write_shards(train, out / "train", samples_per_shard=24))
     n_eval = len(write_shards(evals, out / "eval", samples_per_shard=16))
-    return {"train": brace_pattern(out / "train", n_train), "eval": brace_pattern(out / "eval", n_eval)}
+    return {
+        "train": brace_pattern(out / "train", n_train),
+        "eval": brace_pattern(out / "eval", n_eval),
+    }
 
 
 def _write_config(tmp_path: Path, shards: dict[str, str], run_dir: Path, *extra: str) -> Path:
-    cfg = load_config(overrides=[
-        f"run.dir={run_dir}", "run.seed=1",
-        "model.channels=[16,32]", "model.res_channels=16",
-        "quantizer.codebook_size=64", "quantizer.code_dim=8", "quantizer.ema=true",
-        f"data.train_shards={shards['train']}", f"data.eval_shards={shards['eval']}",
-        "data.resolution=32", "data.num_workers=2", "data.shuffle_buffer=16",
-        "train.max_steps=40", "train.batch_size=8", "train.warmup_steps=5", "train.lr=2e-3",
-        "logging.every=1", "logging.image_every=20", "logging.num_images=4", "logging.tensorboard=false",
-        "checkpoint.every=10", "checkpoint.keep_last=2", "resume=auto", *extra,
-    ])
+    cfg = load_config(
+        overrides=[
+            f"run.dir={run_dir}",
+            "run.seed=1",
+            "model.channels=[16,32]",
+            "model.res_channels=16",
+            "quantizer.codebook_size=64",
+            "quantizer.code_dim=8",
+            "quantizer.ema=true",
+            f"data.train_shards={shards['train']}",
+            f"data.eval_shards={shards['eval']}",
+            "data.resolution=32",
+            "data.num_workers=2",
+            "data.shuffle_buffer=16",
+            "train.max_steps=40",
+            "train.batch_size=8",
+            "train.warmup_steps=5",
+            "train.lr=2e-3",
+            "logging.every=1",
+            "logging.image_every=20",
+            "logging.num_images=4",
+            "logging.tensorboard=false",
+            "checkpoint.every=10",
+            "checkpoint.keep_last=2",
+            "resume=auto",
+            *extra,
+        ]
+    )
     path = tmp_path / f"{run_dir.name}.yaml"
     path.write_text(to_yaml(cfg))
     return path
@@ -138,7 +161,10 @@ def test_missing_shard_stops_before_training(tmp_path, shards):
     cfg = _write_config(tmp_path, shards, run_dir, f"data.train_shards=[{missing}]")
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", str(cfg)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert missing in proc.stderr
@@ -149,7 +175,10 @@ def test_config_typo_is_refused_by_the_cli(tmp_path, shards):
     cfg = _write_config(tmp_path, shards, tmp_path / "typo")
     proc = subprocess.run(
         [sys.executable, "launch/train.py", "--config", str(cfg), "train.max_stepss=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "train.max_stepss" in proc.stderr

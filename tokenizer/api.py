@@ -1,8 +1,8 @@
 """`Tokenizer`: the inference face of a trained model, for other codebases.
 
-    tok = Tokenizer.from_pretrained("runs/demo/release")
-    codes = tok.encode(images)      # (B, 3, H, W) float in [0, 1] -> (B, H/f, W/f) int64
-    images = tok.decode(codes)      # -> (B, 3, H, W) float in [0, 1]
+tok = Tokenizer.from_pretrained("runs/demo/release")
+codes = tok.encode(images)      # (B, 3, H, W) float in [0, 1] -> (B, H/f, W/f) int64
+images = tok.decode(codes)      # -> (B, 3, H, W) float in [0, 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class Tokenizer:
         return cls(model, config)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> Tokenizer:
         """Load a release directory (config.json + model.safetensors); never unpickles."""
         raw, state = read_release(directory)
         config = from_dict({k: raw[k] for k in ("model", "quantizer", "data") if k in raw})
@@ -76,12 +78,16 @@ class Tokenizer:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in [0, 1] -> codes (B, H/f, W/f) int64."""
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"encode expects a float tensor (B, 3, H, W) in [0, 1], got "
-                             f"{images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"encode expects a float tensor (B, 3, H, W) in [0, 1], got "
+                f"{images.dtype} {tuple(images.shape)}"
+            )
         f = self.downsample_factor
         if images.shape[2] % f or images.shape[3] % f:
-            raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the "
-                             f"downsampling factor {f}")
+            raise ValueError(
+                f"image size {tuple(images.shape[2:])} is not divisible by the "
+                f"downsampling factor {f}"
+            )
         x = images.to(self.device, torch.float32) * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1]
         return self.model.quantize(self.model.encode(x)).indices
 
@@ -89,10 +95,13 @@ class Tokenizer:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w) integer -> images (B, 3, h*f, w*f) float in [0, 1]."""
         if codes.ndim != 3 or codes.is_floating_point():
-            raise ValueError(f"decode expects integer codes (B, h, w), got "
-                             f"{codes.dtype} {tuple(codes.shape)}")
+            raise ValueError(
+                f"decode expects integer codes (B, h, w), got {codes.dtype} {tuple(codes.shape)}"
+            )
         codes = codes.to(self.device, torch.long)
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"codes outside [0, {self.codebook_size}): "
-                             f"min {codes.min().item()}, max {codes.max().item()}")
+            raise ValueError(
+                f"codes outside [0, {self.codebook_size}): "
+                f"min {codes.min().item()}, max {codes.max().item()}"
+            )
         return ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0)

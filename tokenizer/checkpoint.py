@@ -108,7 +108,9 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in weights.items()}
 
 
-def write_release(directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]) -> Path:
+def write_release(
+    directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -126,8 +128,10 @@ def read_release(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch
             raise FileNotFoundError(f"{directory}: not a tokenizer release (missing {name})")
     config = json.loads((directory / RELEASE_CONFIG).read_text())
     if config.get("format") != RELEASE_FORMAT:
-        raise ValueError(f"{directory / RELEASE_CONFIG}: format is {config.get('format')!r}, "
-                         f"expected {RELEASE_FORMAT!r}")
+        raise ValueError(
+            f"{directory / RELEASE_CONFIG}: format is {config.get('format')!r}, "
+            f"expected {RELEASE_FORMAT!r}"
+        )
     return config, load_file(str(directory / RELEASE_WEIGHTS))
 
 
@@ -138,15 +142,21 @@ def check_weights_match(
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing:
-        raise ValueError(f"{source}: tensor '{missing[0]}' is missing from the weights "
-                         f"({len(missing)} missing in all) - config and weights disagree")
+        raise ValueError(
+            f"{source}: tensor '{missing[0]}' is missing from the weights "
+            f"({len(missing)} missing in all) - config and weights disagree"
+        )
     if unexpected:
-        raise ValueError(f"{source}: tensor '{unexpected[0]}' is not part of the model "
-                         f"built from the config ({len(unexpected)} unexpected in all)")
+        raise ValueError(
+            f"{source}: tensor '{unexpected[0]}' is not part of the model "
+            f"built from the config ({len(unexpected)} unexpected in all)"
+        )
     for name, tensor in expected.items():
         if tuple(found[name].shape) != tuple(tensor.shape):
-            raise ValueError(f"{source}: tensor '{name}' has shape {tuple(found[name].shape)}, "
-                             f"the config gives {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{source}: tensor '{name}' has shape {tuple(found[name].shape)}, "
+                f"the config gives {tuple(tensor.shape)}"
+            )
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -171,22 +171,31 @@ def load_config(*yaml_files: str | os.PathLike, overrides: list[str] | None = No
 def validate(cfg: Config) -> None:
     """Checks that types alone cannot express."""
     checks = [
-        (cfg.train.mixed_precision in ("no", "bf16"), "train.mixed_precision must be 'no' or 'bf16'"),
+        (
+            cfg.train.mixed_precision in ("no", "bf16"),
+            "train.mixed_precision must be 'no' or 'bf16'",
+        ),
         (cfg.loss.reconstruction in ("mse", "l1"), "loss.reconstruction must be 'mse' or 'l1'"),
         (cfg.quantizer.codebook_size > 0, "quantizer.codebook_size must be positive"),
         (cfg.quantizer.code_dim > 0, "quantizer.code_dim must be positive"),
-        (cfg.quantizer.init in ("random", "data", "kmeans"),
-         "quantizer.init must be 'random', 'data' or 'kmeans'"),
-        (cfg.quantizer.search in ("torch", "faiss", "faiss-ivf", "auto"),
-         "quantizer.search must be 'torch', 'faiss', 'faiss-ivf' or 'auto'"),
+        (
+            cfg.quantizer.init in ("random", "data", "kmeans"),
+            "quantizer.init must be 'random', 'data' or 'kmeans'",
+        ),
+        (
+            cfg.quantizer.search in ("torch", "faiss", "faiss-ivf", "auto"),
+            "quantizer.search must be 'torch', 'faiss', 'faiss-ivf' or 'auto'",
+        ),
         (cfg.quantizer.restart_threshold >= 0, "quantizer.restart_threshold must be >= 0"),
         (cfg.quantizer.lookup_dim >= 0, "quantizer.lookup_dim must be >= 0 (0: no projection)"),
         (0.0 < cfg.quantizer.ema_decay < 1.0, "quantizer.ema_decay must be in (0, 1)"),
         (len(cfg.model.channels) >= 1, "model.channels needs at least one entry"),
         (cfg.train.batch_size > 0, "train.batch_size must be positive"),
         (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
-        (cfg.data.resolution % 2 ** len(cfg.model.channels) == 0,
-         "data.resolution must be divisible by the downsampling factor 2**len(model.channels)"),
+        (
+            cfg.data.resolution % 2 ** len(cfg.model.channels) == 0,
+            "data.resolution must be divisible by the downsampling factor 2**len(model.channels)",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -18,7 +18,9 @@ class LossTerms:
     commitment: torch.Tensor  # unweighted; total carries beta * commitment
 
 
-def reconstruction_loss(images: torch.Tensor, reconstruction: torch.Tensor, kind: str) -> torch.Tensor:
+def reconstruction_loss(
+    images: torch.Tensor, reconstruction: torch.Tensor, kind: str
+) -> torch.Tensor:
     """Mean over pixels, in fp32 so bf16 autocast does not round small errors away."""
     if kind == "mse":
         return F.mse_loss(reconstruction.float(), images.float())

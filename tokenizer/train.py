@@ -93,7 +93,9 @@ class _Window:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    project = ProjectConfiguration(project_dir=cfg.run.dir, logging_dir=str(Path(cfg.run.dir) / "logs"))
+    project = ProjectConfiguration(
+        project_dir=cfg.run.dir, logging_dir=str(Path(cfg.run.dir) / "logs")
+    )
     return Accelerator(
         # Without cpu=True, CPU ranks launched with --multi_gpu each believe they are alone.
         cpu=not torch.cuda.is_available(),
@@ -118,7 +120,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     """Train to cfg.train.max_steps (or stop, with a checkpoint, after step `stop_after`)."""
     run_dir = Path(cfg.run.dir)
     accelerator = make_accelerator(cfg)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
 
@@ -141,7 +145,8 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     )
     # Not passed to prepare(): Accelerate would step it once per process per step.
     scheduler = LambdaLR(
-        optimizer, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+        optimizer,
+        warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -157,7 +162,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         resumed = load_training_state(accelerator, resume_from)
         step, data_state = resumed.step, resumed.data_state
         if data_state is None:
-            logger.warning("%s has no data position for this rank: the stream restarts", resume_from)
+            logger.warning(
+                "%s has no data position for this rank: the stream restarts", resume_from
+            )
         logger.info("resumed from %s at step %d", resume_from, step)
 
     loader, stream = make_train_loader(
@@ -178,8 +185,13 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     stop_at = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
     logger.info(
         "training %s: %d params, %d ranks x batch %d x accum %d, steps %d -> %d",
-        cfg.model.arch, sum(p.numel() for p in core.parameters()), accelerator.num_processes,
-        cfg.train.batch_size, cfg.train.grad_accum_steps, step, stop_at,
+        cfg.model.arch,
+        sum(p.numel() for p in core.parameters()),
+        accelerator.num_processes,
+        cfg.train.batch_size,
+        cfg.train.grad_accum_steps,
+        step,
+        stop_at,
     )
 
     model.train()
@@ -205,7 +217,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
 
         if step % cfg.logging.every == 0 or step == stop_at:
             metrics = window.read(accelerator)
-            bad = accelerator.reduce(torch.tensor(float(stream.bad_samples), device=accelerator.device))
+            bad = accelerator.reduce(
+                torch.tensor(float(stream.bad_samples), device=accelerator.device)
+            )
             metrics.update({"lr": scheduler.get_last_lr()[0], "data/bad_samples": bad.item()})
             window.reset()
             if accelerator.is_main_process:
@@ -240,16 +254,26 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
 
 def _evaluate(core: VQVAE, cfg: Config, shards: list[str], accelerator: Accelerator) -> EvalResult:
     batches = iter_eval_batches(
-        shards, cfg.data.resolution, cfg.train.batch_size,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        shards,
+        cfg.data.resolution,
+        cfg.train.batch_size,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
     result = evaluate(
-        core, batches, accelerator.device,
+        core,
+        batches,
+        accelerator.device,
         reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
         max_batches=cfg.logging.eval_batches,
     )
-    logger.info("eval: psnr %.2f dB, usage %.1f%%, perplexity %.1f on %d held-out images",
-                result.psnr, 100 * result.usage, result.perplexity, result.num_images)
+    logger.info(
+        "eval: psnr %.2f dB, usage %.1f%%, perplexity %.1f on %d held-out images",
+        result.psnr,
+        100 * result.usage,
+        result.perplexity,
+        result.num_images,
+    )
     return result
 
 

@@ -19,7 +19,9 @@ from tokenizer.imaging import save_image_grid
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokenizer", required=True, help="release directory")
     parser.add_argument("--shards", required=True, nargs="+", help="brace patterns or tar paths")
     parser.add_argument("--resolution", type=int, default=0, help="default: the tokenizer's own")
@@ -33,10 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     resolution = args.resolution or tok.config.data.resolution
     shards = expand_shards(args.shards)
     check_shards_exist(shards)
-    result = evaluate(tok.model, iter_eval_batches(shards, resolution, args.batch_size), args.device)
-    print(f"held-out images: {result.num_images}  PSNR: {result.psnr:.2f} dB  "
-          f"codebook usage: {100 * result.usage:.1f}% of {tok.codebook_size} codes  "
-          f"perplexity: {result.perplexity:.1f}")
+    result = evaluate(
+        tok.model, iter_eval_batches(shards, resolution, args.batch_size), args.device
+    )
+    print(
+        f"held-out images: {result.num_images}  PSNR: {result.psnr:.2f} dB  "
+        f"codebook usage: {100 * result.usage:.1f}% of {tok.codebook_size} codes  "
+        f"perplexity: {result.perplexity:.1f}"
+    )
     print(json.dumps(result.__dict__))
     if args.grid:
         batch = next(iter(iter_eval_batches(shards, resolution, args.grid_images)))

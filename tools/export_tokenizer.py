@@ -1,6 +1,6 @@
 """Turn a run directory's newest checkpoint into a release directory.
 
-    python tools/export_tokenizer.py --run runs/demo --output runs/demo/release
+python tools/export_tokenizer.py --run runs/demo --output runs/demo/release
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ from tokenizer.export import export_release
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
-    parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--run", required=True, help="run directory (holds config.yaml and checkpoints/)"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="a checkpoint folder (default: the newest)"
+    )
     parser.add_argument("--output", required=True, help="release directory to write")
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None

@@ -145,7 +145,9 @@ class VectorQuantizer(nn.Module):
         # collective reduces in place and `counts` is returned as this process's own.
         total_counts = self.collective.all_reduce_sum(counts.clone())  # (K,)
         if self.ema:
-            total_sums = self.collective.all_reduce_sum(code_sums(flat, indices, self.codebook_size))
+            total_sums = self.collective.all_reduce_sum(
+                code_sums(flat, indices, self.codebook_size)
+            )
             state = ema_update(
                 self.cluster_size,
                 self.embed_sum,
