@@ -2,11 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tokenizer import Tokenizer, build_model, load_config
+from tokenizer.api import weights_fingerprint
+from tokenizer.data import eval_transform
 
 OVERRIDES = [
     "model.channels=[8,16]",
@@ -39,7 +43,7 @@ def test_decode_output_range_and_encode_validation(tok):
     images = tok.decode(codes)
     assert images.shape == (2, 3, 16, 16) and 0.0 <= images.min() and images.max() <= 1.0
     with pytest.raises(ValueError, match="float tensor"):
-        tok.encode(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+        tok.encode(torch.zeros(2, 3, 16, 16, dtype=torch.int32))  # uint8 and float are accepted
     with pytest.raises(ValueError, match="divisible"):
         tok.encode(torch.zeros(1, 3, 18, 16))
     with pytest.raises(ValueError, match="outside"):
@@ -66,3 +70,61 @@ def test_release_needs_both_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_encode_accepts_tensors_arrays_and_pil_images_alike(tok):
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)  # (B, 3, H, W)
+    want = tok.encode(pixels)
+    assert want.shape == (2, 4, 4) and want.dtype == torch.int64
+    hwc = pixels.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3), as PIL and numpy users hold it
+    pil = [Image.fromarray(a) for a in hwc]
+    for images in (pixels.float() / 255, hwc, hwc / 255.0, pil, list(pixels), list(hwc)):
+        assert torch.equal(tok.encode(images), want)
+    assert torch.equal(tok.encode(pil[1]), want[1:])  # one image is a batch of one
+    assert torch.equal(tok.encode(pixels[0]), want[:1])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tok.encode(pixels.float() / 127.5 - 1.0)
+    with pytest.raises(ValueError, match="channels-last"):
+        tok.encode(pixels.numpy())
+    with pytest.raises(ValueError, match="different sizes"):
+        tok.encode([pil[0], pil[1].resize((32, 32))])
+
+
+def test_grid_shape_embed_and_decode_of_stored_codes(tok):
+    assert tok.grid_shape(64, 32) == (16, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        tok.grid_shape(30, 32)
+    codes = torch.randint(0, 32, (2, 4, 4))
+    vectors = tok.embed(codes)
+    assert vectors.shape == (2, 4, 4, tok.code_dim) and vectors.dtype == torch.float32
+    assert torch.equal(vectors[1, 2, 3], tok.codebook[codes[1, 2, 3]].float())
+    assert tok.embed(codes.flatten(1)).shape == (2, 16, tok.code_dim)  # sequences too
+    stored = torch.from_numpy(codes.numpy().astype(np.uint16))  # as an index shard holds them
+    assert torch.equal(tok.decode(stored), tok.decode(codes))
+    with pytest.raises(ValueError, match="outside"):
+        tok.embed(torch.tensor([32]))
+
+
+def test_fingerprint_follows_the_weights_not_the_file(tok, tmp_path):
+    rel = tok.save_pretrained(tmp_path / "rel")
+    loaded = Tokenizer.from_pretrained(rel)
+    assert (
+        loaded.fingerprint
+        == tok.fingerprint
+        == weights_fingerprint(load_file(str(rel / "model.safetensors")))
+    )
+    assert len(tok.fingerprint) == 64
+    torch.manual_seed(1)
+    cfg = load_config(overrides=OVERRIDES)
+    assert Tokenizer(build_model(cfg), cfg).fingerprint != tok.fingerprint
+    half = Tokenizer.from_pretrained(rel, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.fingerprint != tok.fingerprint
+    assert half.encode(torch.rand(1, 3, 16, 16)).shape == (1, 4, 4)
+
+
+def test_preprocess_is_the_evaluation_crop(tok):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), np.uint8))
+    pixels = tok.preprocess(image)
+    assert pixels.shape == (1, 3, 16, 16) and pixels.dtype == torch.uint8
+    assert torch.equal(pixels[0].float() / 127.5 - 1.0, eval_transform(image, 16))
+    assert tok.preprocess([image, image], resolution=8).shape == (2, 3, 8, 8)

@@ -233,7 +233,7 @@ def test_collective_reduces_counts_and_sums_before_the_update() -> None:
 def test_state_dict_holds_only_codebook_state(ema: bool) -> None:
     q = VectorQuantizer(8, 3, ema=ema)
     q.collective = DoublingCollective(q)
-    tracking = {"initialized", "usage_ema"}
+    tracking = {"initialized", "usage_ema", "step", "last_used", "last_restart", "restart_count"}
     expected = tracking | ({"embed", "cluster_size", "embed_sum"} if ema else {"embed"})
     assert set(q.state_dict()) == expected
     fresh = VectorQuantizer(8, 3, ema=ema)
@@ -341,3 +341,107 @@ def test_restart_broadcasts_rank0_vectors() -> None:
     q(_grid([[0.0, 0.1]], 1, 1))
     assert len(q.collective.inputs) == 1
     assert torch.equal(q.codebook.detach(), torch.full((2, 2), 7.0))
+
+
+# Lookup-space variants: l2-normalised codes, a low-dimensional lookup, and both.
+VARIANTS = [
+    pytest.param({"l2_normalize": True}, id="l2"),
+    pytest.param({"lookup_dim": 3}, id="lowdim"),
+    pytest.param({"lookup_dim": 3, "l2_normalize": True}, id="lowdim-l2"),
+]
+
+
+def _lookup_space(q: VectorQuantizer, z: torch.Tensor) -> torch.Tensor:
+    """The quantizer's input map written out by hand: z (B, D, h, w) -> (N, d)."""
+    x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    if q.lookup_dim:
+        x = x @ q.project_in.weight.t() + q.project_in.bias
+    return torch.nn.functional.normalize(x, dim=1) if q.l2_normalize else x
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ema", [False, True])
+def test_lookup_space_shapes_and_unit_norm(variant: dict, ema: bool) -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 6, ema=ema, **variant)
+    d = variant.get("lookup_dim", 6)
+    assert q.embed.shape == (16, d) and q.codebook.shape == (16, d)
+    z = torch.randn(2, 6, 3, 5)
+    out = q(z)
+    assert out.quantized.shape == (2, 6, 3, 5) and out.quantized.dtype == torch.float32
+    assert out.indices.shape == (2, 3, 5) and out.counts.shape == (16,)
+    if q.l2_normalize:
+        torch.testing.assert_close(q.codebook.norm(dim=1), torch.ones(16))
+    # The indices are the nearest codes to the lookup-space vectors...
+    x = _lookup_space(q, z).detach()
+    e = q.codebook.detach()
+    if ema:  # (the EMA update has moved the codes since the search: use a fresh step)
+        q.eval()
+        out = q(z)
+    nearest = torch.cdist(x, e).argmin(dim=1)
+    assert torch.equal(out.indices.reshape(-1), nearest)
+    # ...the losses are measured in that space...
+    chosen = e[nearest]  # (N, d)
+    expected = ((x - chosen) ** 2).mean()
+    torch.testing.assert_close(out.commitment_loss, expected)
+    if not ema:
+        torch.testing.assert_close(out.codebook_loss, expected)
+    # ...and the output is the chosen code brought back to D dimensions.
+    back = q.project_out(chosen) if q.lookup_dim else chosen  # (N, D)
+    torch.testing.assert_close(out.quantized, back.reshape(2, 3, 5, 6).permute(0, 3, 1, 2))
+    torch.testing.assert_close(q.lookup(out.indices), out.quantized)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lookup_space_straight_through_is_exact(variant: dict) -> None:
+    """The encoder gets exactly the gradient it would get if quantization were the
+    identity in lookup space: z -> project_in -> normalise -> project_out."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(16, 6, beta=0.0, **variant)
+    z = torch.randn(2, 6, 3, 5, requires_grad=True)
+    weight = torch.randn(2, 6, 3, 5)
+    (q(z).quantized * weight).sum().backward()
+
+    z_ref = z.detach().clone().requires_grad_()
+    x = _lookup_space(q, z_ref)  # (N, d)
+    back = q.project_out(x) if q.lookup_dim else x  # (N, D)
+    (back.reshape(2, 3, 5, 6).permute(0, 3, 1, 2) * weight).sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-6, atol=1e-6)
+    assert z.grad.abs().sum() > 0
+    if q.lookup_dim:
+        # Both projections learn: project_out from the decoder's gradient.
+        assert q.project_out.weight.grad.abs().sum() > 0
+        assert q.project_in.weight.grad.abs().sum() > 0
+    assert q.embed.grad is None or torch.all(q.embed.grad == 0)
+
+
+def test_l2_losses_by_hand() -> None:
+    # Unit codes along the axes; the vector (3, 4) normalises to (0.6, 0.8): nearest is
+    # e1 = (0, 1) with differences (0.6, -0.2) -> mean squared error (0.36 + 0.04) / 2.
+    q = _quantizer([[1.0, 0.0], [0.0, 1.0]], l2_normalize=True)
+    out = q(_grid([[3.0, 4.0]], 1, 1))
+    assert out.indices.tolist() == [[[1]]]
+    assert out.commitment_loss.item() == pytest.approx(0.2)
+    assert out.codebook_loss.item() == pytest.approx(0.2)
+    torch.testing.assert_close(out.quantized, _grid([[0.0, 1.0]], 1, 1))
+
+
+def test_l2_ema_codes_stay_unit_norm_through_updates_and_restarts() -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(32, 4, ema=True, l2_normalize=True, init="kmeans", restart_unused_steps=2)
+    for _ in range(5):
+        q(torch.randn(2, 4, 4, 4) * 3 + 1)
+    assert q.restart_count.item() > 0
+    torch.testing.assert_close(q.embed.norm(dim=1), torch.ones(32))
+    assert all(b.dtype == torch.float32 for b in q.buffers() if b.is_floating_point())
+    assert q.step.dtype == torch.int64 and q.last_used.dtype == torch.int64
+
+
+def test_lookup_space_fp32_under_bf16_autocast() -> None:
+    torch.manual_seed(2)
+    q = VectorQuantizer(64, 8, ema=True, lookup_dim=4, l2_normalize=True)
+    z = torch.randn(2, 8, 4, 4).to(torch.bfloat16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = q(z)
+    assert out.quantized.dtype == torch.float32 and out.commitment_loss.dtype == torch.float32
+    assert q.embed.dtype == torch.float32 and q.embed_sum.dtype == torch.float32

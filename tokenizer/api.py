@@ -1,27 +1,58 @@
 """`Tokenizer`: the inference face of a trained model, for other codebases.
 
-tok = Tokenizer.from_pretrained("runs/demo/release")
-codes = tok.encode(images)      # (B, 3, H, W) float in [0, 1] -> (B, H/f, W/f) int64
+tok = Tokenizer.from_pretrained("runs/demo/release", device="cuda")
+codes = tok.encode(images)      # images -> (B, H/f, W/f) int64 in [0, K)
 images = tok.decode(codes)      # -> (B, 3, H, W) float in [0, 1]
+vectors = tok.embed(codes)      # -> (B, H/f, W/f, D) codebook vectors, for priors
+tok.fingerprint                 # sha256 of the weights: index manifests record it
+
+`encode` takes float tensors in [0, 1], uint8 tensors, numpy arrays, PIL images or lists
+of them (see tokenizer/data/pixels.py); `preprocess` gives the evaluation crops that
+tools/tokenize_dataset.py feeds it.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from tokenizer.checkpoint import check_weights_match, read_release, write_release
 from tokenizer.config import Config, ModelConfig, QuantizerConfig, from_dict
+from tokenizer.data.pixels import ImageInput, as_pixel_batch
+from tokenizer.data.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
 from tokenizer.models import VQVAE, build_model
+
+# The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
+# ("top", "bottom") and encode_grids returns one entry per grid.
+SINGLE_GRID = "tokens"
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted tensor names, dtypes, shapes and bytes: the same weights
+    give the same fingerprint on any device, whatever file they came from."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        header = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
+        digest.update(header.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Tokenizer:
     def __init__(self, model: VQVAE, config: Config) -> None:
         self.model = model.eval()
         self.config = config
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ loading, saving
 
     @classmethod
     def from_config(cls, config: Config, state: dict[str, torch.Tensor], source: str) -> Tokenizer:
@@ -32,15 +63,19 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu"
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
     ) -> Tokenizer:
         """Load a release directory (config.json + model.safetensors); never unpickles."""
         raw, state = read_release(directory)
         config = from_dict({k: raw[k] for k in ("model", "quantizer", "data") if k in raw})
-        return cls.from_config(config, state, str(directory)).to(device)
+        return cls.from_config(config, state, str(directory)).to(device, dtype)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        body: dict[str, Any] = {
+    def release_config(self) -> dict[str, Any]:
+        """The release's config.json body (index manifests embed it)."""
+        return {
             "model": asdict(self.config.model),
             "quantizer": asdict(self.config.quantizer),
             # Preprocessing the tokenizer was trained with, for tools that feed it images.
@@ -48,15 +83,31 @@ class Tokenizer:
             "codebook_size": self.codebook_size,
             "downsample_factor": self.downsample_factor,
         }
-        return write_release(directory, body, self.model.state_dict())
 
-    def to(self, device: str | torch.device) -> Tokenizer:
-        self.model.to(device)
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return write_release(directory, self.release_config(), self.model.state_dict())
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Tokenizer:
+        """Move the model; a dtype (e.g. torch.bfloat16) casts the weights, and with them
+        the fingerprint (the EMA codebook and quantizer distances stay fp32 inside)."""
+        if device is not None:
+            self.model.to(device)
+        if dtype is not None and dtype != self.dtype:
+            self.model.to(dtype)
+            self._fingerprint = None
         return self
+
+    # ------------------------------------------------------------------ properties
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @property
     def codebook_size(self) -> int:
@@ -67,6 +118,31 @@ class Tokenizer:
         return self.model.downsample_factor
 
     @property
+    def code_dim(self) -> int:
+        return int(self.codebook.shape[1])
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, D): the vectors the nearest-neighbour search compares against."""
+        return self.model.quantizer.codebook
+
+    @property
+    def resolution(self) -> int:
+        """The square training resolution: the default crop of preprocess()."""
+        return self.config.data.resolution
+
+    @property
+    def grid_names(self) -> tuple[str, ...]:
+        return (SINGLE_GRID,)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights (weights_fingerprint), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model.state_dict())
+        return self._fingerprint
+
+    @property
     def model_config(self) -> ModelConfig:
         return self.config.model
 
@@ -74,34 +150,73 @@ class Tokenizer:
     def quantizer_config(self) -> QuantizerConfig:
         return self.config.quantizer
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> codes (B, H/f, W/f) int64."""
-        if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(
-                f"encode expects a float tensor (B, 3, H, W) in [0, 1], got "
-                f"{images.dtype} {tuple(images.shape)}"
-            )
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """Code grid (h, w) of an image of (height, width) pixels."""
         f = self.downsample_factor
-        if images.shape[2] % f or images.shape[3] % f:
+        if height % f or width % f:
             raise ValueError(
-                f"image size {tuple(images.shape[2:])} is not divisible by the "
-                f"downsampling factor {f}"
+                f"image size {(height, width)} is not divisible by the downsampling factor {f}"
             )
-        x = images.to(self.device, torch.float32) * 2.0 - 1.0  # (B, 3, H, W) in [-1, 1]
-        return self.model.quantize(self.model.encode(x)).indices
+        return height // f, width // f
+
+    # ------------------------------------------------------------------ images <-> codes
+
+    def preprocess(
+        self, images: Image.Image | Sequence[Image.Image], resolution: int | None = None
+    ) -> torch.Tensor:
+        """PIL images -> (B, 3, R, R) uint8: shorter side to R, centre crop. The same
+        crops tools/tokenize_dataset.py makes (JPEGs not yet loaded decode at reduced
+        scale there too), so codes of a new image match codes in an index."""
+        resolution = resolution or self.resolution
+        items = [images] if isinstance(images, Image.Image) else list(images)
+        crops = []
+        for image in items:
+            image.draft("RGB", (resolution, resolution))  # no-op once an image is loaded
+            crops.append(to_uint8_tensor(eval_crop(image.convert("RGB"), resolution)))
+        return torch.stack(crops)  # (B, 3, R, R)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) integer -> images (B, 3, h*f, w*f) float in [0, 1]."""
-        if codes.ndim != 3 or codes.is_floating_point():
-            raise ValueError(
-                f"decode expects integer codes (B, h, w), got {codes.dtype} {tuple(codes.shape)}"
-            )
+    def encode_grids(self, images: ImageInput) -> dict[str, torch.Tensor]:
+        """Every code grid of the model: grid name -> (B, h, w) int64."""
+        pixels = as_pixel_batch(images)  # (B, 3, H, W) uint8 or float in [0, 1]
+        self.grid_shape(pixels.shape[2], pixels.shape[3])
+        pixels = pixels.to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            x = uint8_to_model_range(pixels)  # (B, 3, H, W) in [-1, 1]
+        else:
+            x = pixels.float() * 2.0 - 1.0
+        indices = self.model.quantize(self.model.encode(x.to(self.dtype))).indices
+        return {SINGLE_GRID: indices}  # (B, h, w)
+
+    def encode(self, images: ImageInput) -> torch.Tensor:
+        """Images -> codes (B, H/f, W/f) int64, on the tokenizer's device. A single image
+        (PIL, (3, H, W) tensor, (H, W, 3) array) is a batch of one."""
+        return self.encode_grids(images)[SINGLE_GRID]
+
+    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got {codes.dtype}")
         codes = codes.to(self.device, torch.long)
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(
                 f"codes outside [0, {self.codebook_size}): "
                 f"min {codes.min().item()}, max {codes.max().item()}"
             )
-        return ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0)
+        return codes
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) integer (int64, int32, uint16 ...) -> images (B, 3, h*f, w*f)
+        float in [0, 1]."""
+        codes = torch.as_tensor(codes)
+        if codes.ndim != 3:
+            raise ValueError(f"decode expects integer codes (B, h, w), got {tuple(codes.shape)}")
+        codes = self._check_codes(codes)
+        return ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0).float()
+
+    @torch.no_grad()
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes of any shape (..., ) -> their codebook vectors (..., D) float32, e.g.
+        (B, h, w) -> (B, h, w, D) or flattened sequences (B, L) -> (B, L, D)."""
+        codes = self._check_codes(torch.as_tensor(codes))
+        return F.embedding(codes, self.codebook.float())

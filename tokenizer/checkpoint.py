@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
@@ -66,7 +67,12 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
 
 
 def save_training_state(
-    accelerator, run_dir: str | Path, step: int, data_state: dict[str, Any], keep_last: int
+    accelerator,
+    model,
+    run_dir: str | Path,
+    step: int,
+    data_state: dict[str, Any],
+    keep_last: int,
 ) -> Path:
     """Every rank calls this at the same step; returns the final checkpoint path."""
     root = checkpoint_root(run_dir)
@@ -77,6 +83,14 @@ def save_training_state(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed writes its own sharded format; also keep whole weights (gathered
+        # across ranks under ZeRO-3, which every rank must join) so a release can be
+        # exported from any checkpoint without DeepSpeed.
+        weights = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+            save_file(tensors, str(tmp / RELEASE_WEIGHTS))
     rank = accelerator.process_index
     _write_json(tmp / f"data_rank{rank}.json", data_state)
     if accelerator.is_main_process:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -96,7 +97,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "no"  # "no" or "bf16"
+    # "auto": what the launcher says (accelerate config or --mixed_precision), else "no" or "bf16".
+    mixed_precision: str = "auto"
 
 
 @dataclass
@@ -112,12 +114,24 @@ class LoggingConfig:
     tensorboard: bool = True
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
+    # Append every consumed sample key with its step to run.dir/keys/rank{r}.tsv: a
+    # record of the exact data order, for checking resumes and debugging.
+    log_keys: bool = False
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 500
     keep_last: int = 2
+
+
+@dataclass
+class DistributedConfig:
+    # Every N steps all ranks compare a hash of the codebook and its EMA state; 0 disables.
+    check_every: int = 100
+    # On a mismatch: "strict" raises naming the ranks and the step; "repair" re-broadcasts
+    # rank 0's codebook state and warns.
+    on_mismatch: str = "strict"
 
 
 @dataclass
@@ -130,6 +144,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # "auto" (newest checkpoint in run.dir, if any), a checkpoint path, or None.
     resume: str | None = None
 
@@ -153,7 +168,11 @@ def load_config(*yaml_files: str | os.PathLike, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        try:
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as err:
             raise _explain(err, str(path)) from None
     for item in overrides or []:
@@ -172,8 +191,12 @@ def validate(cfg: Config) -> None:
     """Checks that types alone cannot express."""
     checks = [
         (
-            cfg.train.mixed_precision in ("no", "bf16"),
-            "train.mixed_precision must be 'no' or 'bf16'",
+            cfg.train.mixed_precision in ("auto", "no", "bf16"),
+            "train.mixed_precision must be 'auto', 'no' or 'bf16'",
+        ),
+        (
+            cfg.distributed.on_mismatch in ("strict", "repair"),
+            "distributed.on_mismatch must be 'strict' or 'repair'",
         ),
         (cfg.loss.reconstruction in ("mse", "l1"), "loss.reconstruction must be 'mse' or 'l1'"),
         (cfg.quantizer.codebook_size > 0, "quantizer.codebook_size must be positive"),

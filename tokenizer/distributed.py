@@ -6,6 +6,7 @@ the same codebook math runs single-process in a unit test and on many ranks.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 import torch
@@ -67,3 +68,50 @@ def current_collective() -> Collective:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return TorchCollective()
     return LocalCollective()
+
+
+class CodebookMismatchError(RuntimeError):
+    """Ranks hold different codebooks: the tokenizer would be silently wrong."""
+
+
+def state_fingerprint(module: torch.nn.Module) -> int:
+    """A 63-bit hash of every parameter and buffer of `module` (names, dtypes, bytes).
+
+    Parameters partitioned by ZeRO-3 (they carry `ds_id`) hold a different shard on each
+    rank and are left out; gradient all-reduce keeps them in sync.
+    """
+    digest = hashlib.sha256()
+    tensors = {n: p for n, p in module.named_parameters() if not hasattr(p, "ds_id")}
+    tensors.update(dict(module.named_buffers()))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def broadcast_buffers(collective: Collective, module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer of `module` with rank src's. DeepSpeed never syncs buffers
+    and an EMA codebook lives in buffers, so this runs once at start and on repair."""
+    for buffer in module.buffers():
+        collective.broadcast(buffer.data, src=src)
+
+
+def check_same_state(
+    collective: Collective, module: torch.nn.Module, step: int, repair: bool
+) -> list[int]:
+    """Compare `module`'s fingerprint across ranks; returns the ranks that differ from
+    rank 0 (empty when all agree). Strict: raise naming them. Repair: re-broadcast rank
+    0's buffers (parameters stay in sync through gradient all-reduce)."""
+    mine = torch.tensor([state_fingerprint(module)], dtype=torch.int64)
+    device = next(module.buffers(), mine).device
+    everyone = collective.all_gather_cat(mine.to(device)).cpu().tolist()
+    differing = [rank for rank, value in enumerate(everyone) if value != everyone[0]]
+    if differing and not repair:
+        raise CodebookMismatchError(
+            f"step {step}: codebook state of rank(s) {differing} differs from rank 0 "
+            f"(fingerprints {everyone}); set distributed.on_mismatch=repair to re-broadcast"
+        )
+    if differing:
+        broadcast_buffers(collective, module)
+    return differing

@@ -1,13 +1,13 @@
-"""Held-out evaluation: PSNR and codebook usage over a finite stream of batches."""
+"""Held-out evaluation: PSNR and codebook usage over a finite stream of images."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from tokenizer.data import ImageBatch
+from tokenizer.data import iter_eval_batches
 from tokenizer.metrics import psnr_per_image
 from tokenizer.models import VQVAE
 from tokenizer.quantize.codebook import perplexity, usage
@@ -28,24 +28,22 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(
     model: VQVAE,
-    batches: Iterable[ImageBatch],
+    images: Iterable[torch.Tensor],
     device: torch.device | str = "cpu",
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
-    max_batches: int = 0,
 ) -> EvalResult:
-    """`reduce_sum` sums a tensor over ranks, so every rank returns the global result."""
+    """images: batches (B, 3, H, W) in [-1, 1]. `reduce_sum` sums a tensor over ranks, so
+    every rank returns the global result."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(model.codebook_size, device=device)
+    counts = torch.zeros(model.codebook_size, device=device)  # (K,)
     psnr_sum = torch.zeros((), device=device)
     num_images = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        images = batch.images.to(device)  # (B, 3, H, W) in [-1, 1]
-        out = model(images)
-        psnr_sum += psnr_per_image(images, out.reconstruction).sum()
-        num_images += images.shape[0]
+    for batch in images:
+        batch = batch.to(device)
+        out = model(batch)
+        psnr_sum += psnr_per_image(batch, out.reconstruction).sum()
+        num_images += batch.shape[0]
         counts += torch.bincount(out.quantizer.indices.flatten(), minlength=counts.numel())
     model.train(was_training)
     counts, psnr_sum, num_images = reduce_sum(counts), reduce_sum(psnr_sum), reduce_sum(num_images)
@@ -56,3 +54,42 @@ def evaluate(
         perplexity=perplexity(counts).item(),
         num_images=n,
     )
+
+
+def lockstep(
+    batches: Iterable[torch.Tensor],
+    empty: torch.Tensor,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+) -> Iterator[torch.Tensor]:
+    """Yield until every rank is done, an empty batch on ranks already done: ranks can
+    hold unequal shares of an eval set, and ZeRO-3 forwards are collective."""
+    source = iter(batches)
+    while True:
+        batch = next(source, None)
+        alive = reduce_sum(torch.tensor(float(batch is not None), device=empty.device))
+        if alive.item() == 0:
+            return
+        yield empty if batch is None else batch
+
+
+def evaluate_shards(
+    model: VQVAE,
+    shards: list[str],
+    resolution: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    max_batches: int = 0,
+) -> EvalResult:
+    """Each rank evaluates its share of `shards` (all when max_batches is 0)."""
+    batches = (
+        b.images
+        for i, b in enumerate(iter_eval_batches(shards, resolution, batch_size, rank, world_size))
+        if not max_batches or i < max_batches
+    )
+    if world_size > 1:
+        empty = torch.zeros(0, 3, resolution, resolution, device=device)  # (0, 3, R, R)
+        batches = lockstep(batches, empty, reduce_sum)
+    return evaluate(model, batches, device, reduce_sum)

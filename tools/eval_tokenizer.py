@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 import torch
 
 from tokenizer.api import Tokenizer
 from tokenizer.data import check_shards_exist, expand_shards, iter_eval_batches
-from tokenizer.evaluate import evaluate
+from tokenizer.evaluate import evaluate_shards
 from tokenizer.imaging import save_image_grid
 
 
@@ -35,15 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     resolution = args.resolution or tok.config.data.resolution
     shards = expand_shards(args.shards)
     check_shards_exist(shards)
-    result = evaluate(
-        tok.model, iter_eval_batches(shards, resolution, args.batch_size), args.device
-    )
+    result = evaluate_shards(tok.model, shards, resolution, args.batch_size, args.device)
     print(
         f"held-out images: {result.num_images}  PSNR: {result.psnr:.2f} dB  "
         f"codebook usage: {100 * result.usage:.1f}% of {tok.codebook_size} codes  "
         f"perplexity: {result.perplexity:.1f}"
     )
-    print(json.dumps(result.__dict__))
+    print(json.dumps(asdict(result)))
     if args.grid:
         batch = next(iter(iter_eval_batches(shards, resolution, args.grid_images)))
         originals = (batch.images + 1.0) / 2.0  # [0, 1]

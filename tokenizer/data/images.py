@@ -18,30 +18,40 @@ the tars of its epoch and drops the first next_index samples without decoding th
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import random
-import tarfile
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer.config import DataConfig
+from tokenizer.data.order import AUGMENT, SHUFFLE, buffer_shuffle, mix_seed, shard_order
+from tokenizer.data.tars import IMAGE_EXTENSIONS, DecodeError, RawSample, decode_image, read_tar
+from tokenizer.data.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-# Distinct first words keep the seed streams of different purposes independent.
-_ORDER, _SHUFFLE, _AUGMENT = 1, 2, 3
+# Names that moved to tars.py / order.py / transforms.py, still importable from here.
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageBatch",
+    "StreamPosition",
+    "StreamTracker",
+    "check_shards_exist",
+    "eval_transform",
+    "expand_shards",
+    "iter_eval_batches",
+    "iter_train_batches",
+    "make_train_loader",
+    "shard_order",
+    "train_transform",
+]
 
 
 @dataclass
@@ -87,61 +97,7 @@ def check_shards_exist(paths: Sequence[str]) -> None:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards missing: {shown}{more}")
 
 
-def _seed(*parts: int) -> int:
-    # SeedSequence mixes a tuple into one well-spread seed; masking admits negative seeds.
-    words = [p & 0xFFFFFFFFFFFFFFFF for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
-
-
-def shard_order(seed: int, epoch: int, num_shards: int) -> list[int]:
-    """The shard permutation of one epoch; every rank computes the same one."""
-    order = list(range(num_shards))
-    random.Random(_seed(seed, _ORDER, epoch)).shuffle(order)
-    return order
-
-
 # --------------------------------------------------------------------------- raw samples
-
-
-@dataclass
-class _Raw:
-    key: str
-    shard: str
-    fields: dict[str, bytes]
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    # webdataset's rule: key = path up to the first dot of the basename, ext = the rest.
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{head}/{stem}" if head else stem), ext.lower()
-
-
-def _read_tar(path: str, on_error: Callable[[str], None]) -> Iterator[_Raw]:
-    """Yield the complete samples of a tar in file order; stop at the first read error."""
-    current: _Raw | None = None
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                parts = _split_name(member.name) if member.isfile() else None
-                if parts is None:
-                    continue
-                key, ext = parts
-                # A new key completes the previous sample: hand it out before reading
-                # on, so a break in this member's data cannot take it down too.
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = _Raw(key, path, {})
-                current.fields[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        if current is not None:
-            yield current
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        # The sample being read when the tar broke may be incomplete: drop it.
-        on_error(f"shard {path}: read error ({err}); kept the samples before it")
 
 
 class _ErrorCount:
@@ -163,90 +119,31 @@ class _ErrorCount:
 
 def _slot_samples(
     shards: Sequence[str], order: list[int], slot: int, nslots: int, errors: _ErrorCount
-) -> Iterator[_Raw]:
+) -> Iterator[RawSample]:
     if len(shards) >= nslots:
         for j in order[slot::nslots]:
-            yield from _read_tar(shards[j], errors)
+            yield from read_tar(shards[j], errors)
         return
     running = 0
     for j in order:
-        for raw in _read_tar(shards[j], errors):
+        for raw in read_tar(shards[j], errors):
             if running % nslots == slot:
                 yield raw
             running += 1
 
 
-def _shuffle(items: Iterable[_Raw], size: int, rng: random.Random) -> Iterator[_Raw]:
-    if size <= 1:
-        yield from items
-        return
-    buffer: list[_Raw] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buffer[j]
-        buffer[j] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(raw: _Raw, resolution: int) -> Image.Image | None:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.fields), None)
-    if ext is None:
-        logger.warning("shard %s: sample %r has no image field; skipped", raw.shard, raw.key)
-        return None
+def _decode(raw: RawSample, resolution: int) -> Image.Image | None:
     try:
-        image = Image.open(io.BytesIO(raw.fields[ext]))
-        # JPEGs can decode at a reduced DCT scale that still covers (R, R): much faster
-        # for large photographs, and the bicubic resize below finishes the job.
-        image.draft("RGB", (resolution, resolution))
-        return image.convert("RGB")
-    except Exception as err:  # PIL raises many types for corrupt data
-        logger.warning("shard %s: cannot decode sample %r (%s); skipped", raw.shard, raw.key, err)
+        return decode_image(raw, resolution)
+    except DecodeError as err:
+        logger.warning("shard %s: sample %r skipped: %s", raw.shard, raw.key, err)
         return None
 
 
-def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    w, h = image.size
-    if min(w, h) == size:
-        return image
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return image.resize(new, Image.Resampling.BICUBIC)
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.array(image, dtype=np.uint8)  # (R, R, 3)
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-
-
-def train_transform(
-    image: Image.Image, resolution: int, flip: bool, rng: random.Random
-) -> torch.Tensor:
-    """Shorter side to `resolution`, random square crop, optional flip -> (3, R, R) in [-1, 1]."""
-    image = _resize_shorter(image, resolution)
-    w, h = image.size
-    left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _to_tensor(image)
-
-
-def eval_transform(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Shorter side to `resolution`, centre crop -> (3, R, R) in [-1, 1]."""
-    image = _resize_shorter(image, resolution)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return _to_tensor(image.crop((left, top, left + resolution, top + resolution)))
-
-
-def _text(raw: _Raw) -> str | None:
+def _text(raw: RawSample) -> str | None:
     data = raw.fields.get("txt")
     return None if data is None else data.decode("utf-8", errors="replace")
 
@@ -310,7 +207,9 @@ def _train_items(
         raws = _slot_samples(shards, order, slot, nslots, errors)
         skip = start.next_index if epoch == start.epoch else 0
         emitted = decoded = 0
-        shuffled = _shuffle(raws, shuffle_buffer, random.Random(_seed(seed, _SHUFFLE, epoch, slot)))
+        shuffled = buffer_shuffle(
+            raws, shuffle_buffer, random.Random(mix_seed(seed, SHUFFLE, epoch, slot))
+        )
         for i, raw in enumerate(shuffled):
             emitted += 1
             tar_errors = errors.take()
@@ -320,7 +219,7 @@ def _train_items(
             tensor = None
             if image is not None:
                 decoded += 1
-                rng = random.Random(_seed(seed, _AUGMENT, epoch, slot, i))
+                rng = random.Random(mix_seed(seed, AUGMENT, epoch, slot, i))
                 tensor = train_transform(image, resolution, random_flip, rng)
             yield _Item(epoch, i, raw.key, _text(raw), tensor, tar_errors + (image is None))
         # Without these checks a stream with nothing usable would spin forever.
@@ -535,9 +434,11 @@ def _eval_items(
 ) -> Iterator[_Item]:
     errors = _ErrorCount(report=True)
     if len(shards) >= world_size:
-        raws: Iterable[_Raw] = (r for s in shards[rank::world_size] for r in _read_tar(s, errors))
+        raws: Iterable[RawSample] = (
+            r for s in shards[rank::world_size] for r in read_tar(s, errors)
+        )
     else:
-        every = (r for s in shards for r in _read_tar(s, errors))
+        every = (r for s in shards for r in read_tar(s, errors))
         raws = (r for n, r in enumerate(every) if n % world_size == rank)
     i = -1
     for i, raw in enumerate(raws):

@@ -71,36 +71,70 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class TarShardWriter:
+    """Writes one shard sample by sample under a hidden temporary name; `commit()` gives it
+    its real name. Only a finished shard gets its real name, so a crash never leaves a
+    shard that looks complete but is not; leaving the `with` block without a commit
+    removes the temporary file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._tar: tarfile.TarFile | None = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self._seen: set[str] = set()
+        self.num_samples = 0
+        self.first_key = self.last_key = ""
+
+    def add(self, sample: dict) -> None:
+        assert self._tar is not None, "shard already committed or aborted"
+        key = _check_key(sample.get("__key__"), self._seen)
+        for ext, value in sample.items():
+            if ext.startswith("__"):
+                continue
+            if isinstance(value, str):
+                value = value.encode("utf-8")
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise TypeError(
+                    f"sample {key!r} field {ext!r}: expected bytes or str, "
+                    f"got {type(value).__name__}"
+                )
+            _add_member(self._tar, f"{key}.{ext}", bytes(value))
+        self.first_key = self.first_key or key
+        self.last_key = key
+        self.num_samples += 1
+
+    def commit(self) -> ShardInfo:
+        assert self._tar is not None, "shard already committed or aborted"
+        self._tar.close()
+        self._tar = None
+        os.replace(self.tmp, self.path)
+        return ShardInfo(
+            path=str(self.path),
+            num_samples=self.num_samples,
+            num_bytes=self.path.stat().st_size,
+            first_key=self.first_key,
+            last_key=self.last_key,
+        )
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
 def _write_one(path: Path, samples: list[dict]) -> ShardInfo:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    seen: set[str] = set()
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for sample in samples:
-                key = _check_key(sample.get("__key__"), seen)
-                for ext, value in sample.items():
-                    if ext.startswith("__"):
-                        continue
-                    if isinstance(value, str):
-                        value = value.encode("utf-8")
-                    if not isinstance(value, bytes | bytearray | memoryview):
-                        raise TypeError(
-                            f"sample {key!r} field {ext!r}: expected bytes or str, "
-                            f"got {type(value).__name__}"
-                        )
-                    _add_member(tar, f"{key}.{ext}", bytes(value))
-        # Only a finished shard gets its real name, so a crash never leaves a shard
-        # that looks complete but is not.
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ShardInfo(
-        path=str(path),
-        num_samples=len(samples),
-        num_bytes=path.stat().st_size,
-        first_key=samples[0]["__key__"],
-        last_key=samples[-1]["__key__"],
-    )
+    with TarShardWriter(path) as writer:
+        for sample in samples:
+            writer.add(sample)
+        return writer.commit()
 
 
 def write_shards(

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from tokenizer.config import ModelConfig, QuantizerConfig
 from tokenizer.nn import Decoder, Encoder
-from tokenizer.quantize import QuantizerOutput, VectorQuantizer, build_search
+from tokenizer.outputs import NamedOutput
+from tokenizer.quantize import QuantizerOutput, VectorQuantizer, search_from_config
 
 
 @dataclass
-class VQVAEOutput:
+class VQVAEOutput(NamedOutput):
     reconstruction: Tensor  # (B, 3, H, W)
     quantizer: QuantizerOutput
 
@@ -37,7 +39,11 @@ class VQVAE(nn.Module):
             ema_epsilon=quantizer.ema_epsilon,
             init=quantizer.init,
             restart_threshold=quantizer.restart_threshold,
-            search=build_search(quantizer.search, quantizer.search_chunk),
+            restart_unused_steps=quantizer.restart_unused_steps,
+            lookup_dim=quantizer.lookup_dim,
+            l2_normalize=quantizer.l2_normalize,
+            kmeans_iters=quantizer.kmeans_iters,
+            search=search_from_config(quantizer),
         )
         self.decoder = Decoder(
             in_channels=model.in_channels,
@@ -57,14 +63,15 @@ class VQVAE(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> z_e (B, D, H/f, W/f)."""
-        return self.encoder(x)
+        # Engines that cast the weights (DeepSpeed bf16) get inputs of the weights' dtype.
+        return self.encoder(x.to(_weight_dtype(self.encoder)))
 
     def quantize(self, z_e: Tensor) -> QuantizerOutput:
         return self.quantizer(z_e)
 
     def decode(self, z_q: Tensor) -> Tensor:
         """(B, D, h, w) -> (B, 3, h*f, w*f)."""
-        return self.decoder(z_q)
+        return self.decoder(z_q.to(_weight_dtype(self.decoder)))
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Code grid (B, h, w) -> images (B, 3, h*f, w*f)."""
@@ -73,3 +80,7 @@ class VQVAE(nn.Module):
     def forward(self, x: Tensor) -> VQVAEOutput:
         q = self.quantize(self.encode(x))
         return VQVAEOutput(reconstruction=self.decode(q.quantized), quantizer=q)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype

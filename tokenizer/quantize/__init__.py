@@ -14,6 +14,7 @@ from tokenizer.quantize.search import (
     SearchResult,
     TorchSearch,
     build_search,
+    search_from_config,
 )
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "TorchSearch",
     "VectorQuantizer",
     "build_search",
+    "search_from_config",
     "code_counts",
     "code_sums",
     "ema_update",

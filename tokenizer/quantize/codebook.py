@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from tokenizer.quantize.search import TorchSearch
 
 
 @dataclass
@@ -17,6 +20,11 @@ class EMAState:
     cluster_size: Tensor  # (K,) EMA of per-code counts, N_i
     embed_sum: Tensor  # (K, D) EMA of per-code sums of assigned vectors, m_i
     codebook: Tensor  # (K, D) e_i = m_i / N_i' (Laplace-smoothed N_i)
+
+
+def l2_normalize_rows(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Rows of x (..., d) scaled to unit length; eps keeps a zero row finite."""
+    return F.normalize(x, dim=-1, eps=eps)
 
 
 def code_counts(indices: Tensor, codebook_size: int) -> Tensor:
@@ -37,12 +45,14 @@ def ema_update(
     batch_sums: Tensor,
     decay: float,
     epsilon: float,
+    unit_norm: bool = False,
 ) -> EMAState:
     """One EMA codebook step (VQ-VAE paper, appendix A.1); returns new tensors.
 
     N_i <- g N_i + (1 - g) n_i;  m_i <- g m_i + (1 - g) sum_i;  e_i = m_i / N_i', with
     Laplace smoothing N_i' = (N_i + eps) / (n + K eps) * n, n = sum_i N_i, so that a
     code with N_i -> 0 does not divide by zero while the total mass n is kept.
+    With `unit_norm` the codes are l2-normalised means (spherical k-means' update).
     """
     cluster_size = cluster_size * decay + batch_counts * (1.0 - decay)  # (K,)
     embed_sum = embed_sum * decay + batch_sums * (1.0 - decay)  # (K, D)
@@ -50,6 +60,8 @@ def ema_update(
     k = cluster_size.shape[0]
     smoothed = (cluster_size + epsilon) / (n + k * epsilon) * n  # (K,)
     codebook = embed_sum / smoothed.unsqueeze(1)  # (K, D)
+    if unit_norm:
+        codebook = l2_normalize_rows(codebook)
     return EMAState(cluster_size=cluster_size, embed_sum=embed_sum, codebook=codebook)
 
 
@@ -67,6 +79,16 @@ def usage(counts: Tensor) -> Tensor:
     return (counts > 0).float().mean()
 
 
+def window_usage(last_used: Tensor, step: int | Tensor, window: int) -> Tensor:
+    """Fraction of codes chosen in the last `window` steps (step - window, step].
+
+    last_used (K,) int64 holds the step at which each code was last chosen; steps count
+    from 1, so 0 means never.
+    """
+    recent = (last_used > step - window) & (last_used > 0)  # (K,)
+    return recent.float().mean()
+
+
 def sample_rows(flat: Tensor, num: int, generator: torch.Generator | None = None) -> Tensor:
     """`num` rows of flat (N, D) drawn at random: without replacement when N >= num."""
     n = flat.shape[0]
@@ -80,3 +102,109 @@ def sample_rows(flat: Tensor, num: int, generator: torch.Generator | None = None
 def dead_codes(usage_ema: Tensor, threshold: float) -> Tensor:
     """Indices of codes whose EMA usage (assignments per step) fell under threshold."""
     return torch.nonzero(usage_ema < threshold).flatten()  # (num_dead,)
+
+
+def idle_codes(last_used: Tensor, last_restart: Tensor, step: int | Tensor, steps: int) -> Tensor:
+    """Indices of codes no vector chose in the `steps` steps since their last use or
+    (re)start: last_used, last_restart (K,) int64 step numbers."""
+    since = step - torch.maximum(last_used, last_restart)  # (K,)
+    return torch.nonzero(since >= steps).flatten()  # (num_idle,)
+
+
+def faiss_gpu_available() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def kmeans(
+    x: Tensor,
+    k: int,
+    iters: int,
+    seed: int,
+    spherical: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """k-means centroids (K, d) fp32 of x (N, d), on x's device, deterministic for a seed.
+
+    backend "faiss" (GPU when faiss has it and x is on CUDA), "torch" (chunked Lloyd's
+    on x's device), or "auto": faiss when importable, except for CUDA tensors and a
+    CPU-only faiss build, where Lloyd's on the GPU is far faster than faiss on the CPU.
+    `spherical` keeps the centroids unit-norm.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = x.detach().float()
+    if x.shape[0] < k:
+        # Fewer vectors than codes: k-means cannot split N points into K > N clusters.
+        # Every vector becomes a centroid and the missing K - N are vectors drawn again
+        # with replacement, jittered by a tiny noise so no two codes are exact copies
+        # (ties would leave one of each pair unused by construction).
+        return _pad_with_noise(x, k, generator, spherical)
+    if backend == "auto":
+        usable = _faiss_importable() and (not x.is_cuda or faiss_gpu_available())
+        backend = "faiss" if usable else "torch"
+    if backend == "faiss":
+        return _faiss_kmeans(x, k, iters, seed, spherical)
+    if backend == "torch":
+        return _torch_kmeans(x, k, iters, generator, spherical)
+    raise ValueError(f"unknown k-means backend {backend!r}; choices: auto, faiss, torch")
+
+
+def _faiss_importable() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pad_with_noise(x: Tensor, k: int, generator: torch.Generator, spherical: bool) -> Tensor:
+    extra = sample_rows(x, k - x.shape[0], generator)  # (K - N, d)
+    scale = 1e-3 * x.std().clamp_min(1e-6)
+    noise = torch.randn(extra.shape, generator=generator).to(x.device) * scale
+    centroids = torch.cat([x, extra + noise])  # (K, d)
+    return l2_normalize_rows(centroids) if spherical else centroids
+
+
+def _faiss_kmeans(x: Tensor, k: int, iters: int, seed: int, spherical: bool) -> Tensor:
+    import faiss
+
+    # gpu=1: one GPU (the current device's), not every GPU of the node, which gpu=True
+    # would take from the other ranks' processes.
+    use_gpu = 1 if x.is_cuda and faiss_gpu_available() else False
+    clustering = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iters,
+        seed=seed,
+        spherical=spherical,
+        gpu=use_gpu,
+        verbose=False,
+        # faiss prints a warning under 39 points per centroid and subsamples above 256;
+        # the caller decides how many points to give.
+        min_points_per_centroid=1,
+        max_points_per_centroid=1 << 30,
+    )
+    clustering.train(x.cpu().numpy())
+    return torch.from_numpy(clustering.centroids).to(x.device)  # (K, d)
+
+
+def _torch_kmeans(
+    x: Tensor, k: int, iters: int, generator: torch.Generator, spherical: bool
+) -> Tensor:
+    """Lloyd's algorithm: the fallback when faiss is not installed."""
+    if spherical:
+        x = l2_normalize_rows(x)
+    search = TorchSearch()  # chunked: never an (N, K) distance matrix
+    centroids = sample_rows(x, k, generator).clone()  # (K, d)
+    for _ in range(iters):
+        assign = search(x, centroids).indices  # (N,)
+        counts = code_counts(assign, k)  # (K,)
+        means = code_sums(x, assign, k) / counts.clamp_min(1.0).unsqueeze(1)  # (K, d)
+        # An empty cluster restarts at a random point instead of staying where nothing is.
+        empty = counts == 0  # (K,)
+        means[empty] = sample_rows(x, int(empty.sum()), generator)
+        centroids = l2_normalize_rows(means) if spherical else means
+    return centroids

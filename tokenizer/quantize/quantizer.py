@@ -1,7 +1,9 @@
-"""VectorQuantizer: nearest-code lookup, straight-through gradient, VQ losses, EMA codebook."""
+"""VectorQuantizer: project, normalise, nearest-code lookup, straight-through, VQ losses,
+and the codebook's upkeep (EMA, data or k-means initialisation, dead-code restarts)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,37 +12,64 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tokenizer.distributed import Collective, LocalCollective
+from tokenizer.outputs import NamedOutput
 from tokenizer.quantize.codebook import (
     code_counts,
     code_sums,
     dead_codes,
     ema_update,
+    idle_codes,
+    kmeans,
+    l2_normalize_rows,
+    perplexity,
     sample_rows,
+    window_usage,
 )
 from tokenizer.quantize.search import NearestNeighbourSearch, TorchSearch
 
+# k-means sees at most this many candidate vectors per code (faiss's own default cap).
+_KMEANS_POINTS_PER_CODE = 256
+
 
 @dataclass
-class QuantizerOutput:
-    quantized: Tensor  # (B, D, h, w) straight-through: z_e + (z_q - z_e).detach()
+class QuantizerOutput(NamedOutput):
+    quantized: Tensor  # (B, D, h, w) straight-through: forward value = projected code
     indices: Tensor  # (B, h, w) int64
     loss: Tensor  # scalar: codebook_loss + beta * commitment_loss
-    codebook_loss: Tensor  # scalar mean ||sg[z_e] - e||^2; 0 (detached) under EMA
-    commitment_loss: Tensor  # scalar mean ||z_e - sg[e]||^2, unweighted
+    codebook_loss: Tensor  # scalar mean ||sg[z] - e||^2 in lookup space; 0 (detached) under EMA
+    commitment_loss: Tensor  # scalar mean ||z - sg[e]||^2 in lookup space, unweighted
     counts: Tensor  # (K,) float32 per-code counts of this process's batch
+
+
+@dataclass
+class CodebookStats:
+    """Global codebook health (every rank holds the same values), for the training log."""
+
+    usage: float  # fraction of codes chosen at least once in the last `window` steps
+    perplexity: float  # exp(entropy) of the EMA code usage: K when all codes are used evenly
+    restarts: int  # codes restarted since training began
+    window: int  # the window `usage` was measured over, in training steps
+    step: int  # training steps the quantizer has seen
 
 
 class VectorQuantizer(nn.Module):
     """Replaces each D-vector of z_e by its nearest of K codebook vectors (van den Oord 2017).
 
+    The lookup runs in a "lookup space": with `lookup_dim` > 0, z_e is first projected
+    to lookup_dim (ViT-VQGAN, LlamaGen: 8 or 32) and the chosen code projected back to
+    D; with `l2_normalize` both sides are unit vectors, so the nearest code is the most
+    cosine-similar one. The codebook holds lookup-space vectors, the VQ losses are
+    measured there, and the straight-through gradient is copied there.
+
     With `ema=True` the codebook is not trained by gradient but by exponential moving
-    averages of the vectors assigned to each code (paper appendix A.1). The per-code
-    counts and sums are summed across ranks through `collective` before the update, so
-    every rank computes the same codebook without relying on DDP buffer broadcasts
+    averages of the vectors assigned to each code (paper appendix A.1). Everything that
+    must be identical on every rank goes through `collective`: per-code counts and sums
+    are summed before the update; k-means and restart candidates are gathered from all
+    ranks and rank 0's choice is broadcast. No rank relies on DDP buffer broadcasts
     (which DeepSpeed never does).
     """
 
-    embed: Tensor  # (K, D): an nn.Parameter, or an fp32 buffer under EMA
+    embed: Tensor  # (K, d): an nn.Parameter, or an fp32 buffer under EMA
 
     def __init__(
         self,
@@ -54,72 +83,120 @@ class VectorQuantizer(nn.Module):
         restart_threshold: float = 0.0,
         search: NearestNeighbourSearch | None = None,
         collective: Collective | None = None,
+        lookup_dim: int = 0,
+        l2_normalize: bool = False,
+        kmeans_iters: int = 20,
+        restart_unused_steps: int = 0,
     ) -> None:
         super().__init__()
+        if init not in ("random", "data", "kmeans"):
+            raise ValueError(f"init must be 'random', 'data' or 'kmeans', got {init!r}")
+        if lookup_dim < 0:
+            raise ValueError(f"lookup_dim must be >= 0 (0: no projection), got {lookup_dim}")
         self.codebook_size = codebook_size
         self.code_dim = code_dim
+        self.lookup_dim = lookup_dim
         self.beta = beta
         self.ema = ema
         self.ema_decay = ema_decay
         self.ema_epsilon = ema_epsilon
-        if init not in ("random", "data"):
-            raise ValueError(f"init must be 'random' or 'data', got {init!r}")
         self.init = init
+        self.kmeans_iters = kmeans_iters
+        self.l2_normalize = l2_normalize
         self.restart_threshold = restart_threshold
+        self.restart_unused_steps = restart_unused_steps
         # Plain attributes, not submodules or buffers: the trainer swaps the collective
         # after construction, and neither belongs in a state_dict.
         self.search: NearestNeighbourSearch = search if search is not None else TorchSearch()
         self.collective: Collective = collective if collective is not None else LocalCollective()
 
+        dim = lookup_dim or code_dim  # d: the codebook's width
+        if lookup_dim:
+            # Linear maps on the flattened vectors = 1x1 convolutions on the grid.
+            self.project_in = nn.Linear(code_dim, lookup_dim)
+            self.project_out = nn.Linear(lookup_dim, code_dim)
         if ema:
-            embed = torch.randn(codebook_size, code_dim)  # (K, D)
+            embed = torch.randn(codebook_size, dim)  # (K, d)
+            if l2_normalize:
+                embed = l2_normalize_rows(embed)
             self.register_buffer("embed", embed)
             # Start every code with a count of one and a sum equal to itself: a code no
             # vector is assigned to then decays its count and sum together and keeps its
             # value (m_i / N_i stays e_i) instead of collapsing towards zero or blowing up.
             self.register_buffer("cluster_size", torch.ones(codebook_size))  # (K,)
-            self.register_buffer("embed_sum", embed.clone())  # (K, D)
+            self.register_buffer("embed_sum", embed.clone())  # (K, d)
+        elif l2_normalize:
+            # Random unit vectors: the forward normalises the codes, and the paper's tiny
+            # init below would turn each optimiser step into a jump of direction.
+            self.embed = nn.Parameter(l2_normalize_rows(torch.randn(codebook_size, dim)))
         else:
             # The paper's reference code: uniform(-1/K, 1/K).
             bound = 1.0 / codebook_size
-            self.embed = nn.Parameter(torch.empty(codebook_size, code_dim).uniform_(-bound, bound))
-        # Set by the first training step: data init and the usage baseline happen there,
-        # once, and a resumed run must not redo them.
+            self.embed = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))
+        # Set by the first training step: data/k-means init and the usage baseline happen
+        # there, once, and a resumed run must not redo them.
         self.register_buffer("initialized", torch.tensor(False))
         # EMA of global per-code assignments per step: the dead-code detector.
         self.register_buffer("usage_ema", torch.zeros(codebook_size))  # (K,)
+        # Training steps seen (one per training forward: a micro-step under gradient
+        # accumulation, which restart_unused_steps counts too), and per code the step it was
+        # last chosen by any rank (0: never) and last (re)started: the idle-code detector
+        # and the windowed usage. Buffers, so a resumed run restarts the same codes.
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.int64))
+        self.register_buffer("last_restart", torch.zeros(codebook_size, dtype=torch.int64))
+        self.register_buffer("restart_count", torch.tensor(0, dtype=torch.int64))
+
+    def _apply(self, fn, recurse: bool = True):
+        # Engines cast whole models (DeepSpeed bf16 calls module.bfloat16()); the EMA
+        # statistics and usage counters must stay fp32 or small updates round away.
+        super()._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
 
     @property
     def codebook(self) -> Tensor:
-        return self.embed  # (K, D)
+        """The codes the search compares against: (K, d) lookup-space vectors."""
+        if self.l2_normalize and not self.ema:
+            # A gradient-trained codebook is free; its codes are its directions. (The EMA
+            # codebook is kept unit-norm by its update.)
+            return l2_normalize_rows(self.embed)
+        return self.embed
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
-        # Distances, lookup and losses in fp32 even under bf16 autocast: the codebook is
-        # fp32 and bf16 rounding would change which code is nearest.
+        # Projections, distances, lookup and losses in fp32 even under bf16 autocast: the
+        # codebook is fp32 and bf16 rounding would change which code is nearest.
         with torch.autocast(device_type=z.device.type, enabled=False):
-            z32 = z.float()  # (B, D, h, w)
-            flat = rearrange(z32, "b d h w -> (b h w) d")  # (N, D)
+            flat = rearrange(z.float(), "b c h w -> (b h w) c")  # (N, D)
+            x = self._to_lookup(flat)  # (N, d)
             if self.training and not self.initialized:
-                self._first_step(flat.detach())
-            codebook = self.embed.float()  # (K, D)
-            indices = self.search(flat.detach(), codebook.detach()).indices  # (N,)
-            z_q = F.embedding(indices, codebook)  # (N, D); carries grad to a trained codebook
+                self._first_step(x.detach())
+            codebook = self.codebook.float()  # (K, d)
+            indices = self.search(x.detach(), codebook.detach()).indices  # (N,)
+            e = F.embedding(indices, codebook)  # (N, d); carries grad to a trained codebook
 
-            commitment_loss = F.mse_loss(flat, z_q.detach())
+            commitment_loss = F.mse_loss(x, e.detach())
             if self.ema:
-                codebook_loss = flat.new_zeros(())
+                codebook_loss = x.new_zeros(())
             else:
-                codebook_loss = F.mse_loss(z_q, flat.detach())
+                codebook_loss = F.mse_loss(e, x.detach())
             loss = codebook_loss + self.beta * commitment_loss
 
             counts = code_counts(indices, self.codebook_size)  # (K,)
             if self.training:
-                self._update_codebook(flat.detach(), indices, counts)
+                self._update_codebook(x.detach(), indices, counts)
 
-            z_q = rearrange(z_q, "(b h w) d -> b d h w", b=b, h=h, w=w)  # (B, D, h, w)
-            # Straight-through: forward value z_q, gradient copied unchanged to z_e.
-            quantized = z32 + (z_q - z32).detach()  # (B, D, h, w)
+            # Straight-through in lookup space: forward value e, gradient copied unchanged
+            # to x, and from there through the normalisation and projection to z_e.
+            x_q = x + (e - x).detach()  # (N, d)
+            z_q = self._from_lookup(x_q)  # (N, D)
+            quantized = rearrange(z_q, "(b h w) c -> b c h w", b=b, h=h, w=w)  # (B, D, h, w)
+        if not torch.is_autocast_enabled(z.device.type):
+            # Engines that cast whole models (DeepSpeed bf16) give the decoder bf16 weights.
+            quantized = quantized.to(z.dtype)
 
         return QuantizerOutput(
             quantized=quantized,
@@ -130,24 +207,66 @@ class VectorQuantizer(nn.Module):
             counts=counts,
         )
 
+    def _to_lookup(self, flat: Tensor) -> Tensor:
+        """(N, D) encoder vectors -> (N, d) lookup-space vectors."""
+        # The projections may hold bf16 weights (DeepSpeed bf16); the lookup space is fp32.
+        x = _linear_fp32(self.project_in, flat) if self.lookup_dim else flat
+        return l2_normalize_rows(x) if self.l2_normalize else x
+
+    def _from_lookup(self, x: Tensor) -> Tensor:
+        """(N, d) lookup-space vectors -> (N, D) decoder inputs."""
+        return _linear_fp32(self.project_out, x) if self.lookup_dim else x
+
     @torch.no_grad()
-    def _first_step(self, flat: Tensor) -> None:
-        # flat (N, D) fp32 of this rank; rank 0's draw is broadcast so all ranks agree.
+    def _first_step(self, x: Tensor) -> None:
+        # x (N, d) fp32 lookup-space vectors of this rank.
+        everything = torch.arange(self.codebook_size, device=x.device)
         if self.init == "data":
-            start = self.collective.broadcast(sample_rows(flat, self.codebook_size), src=0)
-            self._set_codes(torch.arange(self.codebook_size, device=flat.device), start)
+            # Rank 0's draw is broadcast so all ranks agree.
+            start = self.collective.broadcast(sample_rows(x, self.codebook_size), src=0)
+            self._set_codes(everything, start)
+        elif self.init == "kmeans":
+            self._set_codes(everything, self._kmeans_codes(x))
         self.usage_ema.fill_(self._grace_usage())
         self.initialized.fill_(True)
 
+    def _kmeans_codes(self, x: Tensor) -> Tensor:
+        """K centroids (K, d) of the candidate vectors of all ranks, the same on every rank."""
+        pool = self._gather_sample(x, _KMEANS_POINTS_PER_CODE * self.codebook_size)  # (P, d)
+        # Drawn from torch's RNG on every rank (so it follows run.seed and keeps the RNG
+        # streams of all ranks in step); only rank 0's value is used.
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        if self.collective.rank == 0:
+            centroids = kmeans(
+                pool, self.codebook_size, self.kmeans_iters, seed, spherical=self.l2_normalize
+            )  # (K, d)
+        else:
+            centroids = pool.new_empty(self.codebook_size, pool.shape[1])
+        # Clustered once, on rank 0, then broadcast: no reliance on every rank's faiss
+        # build, thread count or GPU producing bit-identical centroids.
+        return self.collective.broadcast(centroids.contiguous(), src=0)
+
+    def _gather_sample(self, x: Tensor, want: int) -> Tensor:
+        """Up to `want` distinct vectors (P, d) from all ranks, the same on every rank.
+
+        all_gather needs the same row count everywhere, so each rank sends a random
+        sample of the size the smallest local batch allows.
+        """
+        world = self.collective.world_size
+        sizes = self.collective.all_gather_cat(
+            torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        )  # (world,)
+        per_rank = min(math.ceil(want / world), int(sizes.min().item()))
+        return self.collective.all_gather_cat(sample_rows(x, per_rank).contiguous())
+
     @torch.no_grad()
-    def _update_codebook(self, flat: Tensor, indices: Tensor, counts: Tensor) -> None:
-        # flat (N, D) fp32, indices (N,), counts (K,). Counts are cloned because a real
+    def _update_codebook(self, x: Tensor, indices: Tensor, counts: Tensor) -> None:
+        # x (N, d) fp32, indices (N,), counts (K,). Counts are cloned because a real
         # collective reduces in place and `counts` is returned as this process's own.
+        self.step += 1
         total_counts = self.collective.all_reduce_sum(counts.clone())  # (K,)
         if self.ema:
-            total_sums = self.collective.all_reduce_sum(
-                code_sums(flat, indices, self.codebook_size)
-            )
+            total_sums = self.collective.all_reduce_sum(code_sums(x, indices, self.codebook_size))
             state = ema_update(
                 self.cluster_size,
                 self.embed_sum,
@@ -155,20 +274,41 @@ class VectorQuantizer(nn.Module):
                 total_sums,
                 decay=self.ema_decay,
                 epsilon=self.ema_epsilon,
+                unit_norm=self.l2_normalize,
             )
             # In place: optimisers, DDP and checkpoints hold references to these buffers.
             self.cluster_size.copy_(state.cluster_size)
             self.embed_sum.copy_(state.embed_sum)
             self.embed.copy_(state.codebook)
         self.usage_ema.mul_(self.ema_decay).add_(total_counts, alpha=1.0 - self.ema_decay)
+        self.last_used.masked_fill_(total_counts > 0, self.step)
+        # Both detectors read only state built from global counts, so every rank finds
+        # the same dead codes and joins the same collectives below.
+        dead = self._dead_codes()
+        if dead.numel():
+            self._restart(dead, x)
+
+    def _dead_codes(self) -> Tensor:
+        dead = torch.zeros(self.codebook_size, dtype=torch.bool, device=self.usage_ema.device)
         if self.restart_threshold > 0:
-            # usage_ema is built from global counts, so every rank finds the same dead codes
-            # and joins the same broadcast.
-            dead = dead_codes(self.usage_ema, self.restart_threshold)
-            if dead.numel():
-                fresh = self.collective.broadcast(sample_rows(flat, dead.numel()), src=0)
-                self._set_codes(dead, fresh)
-                self.usage_ema[dead] = self._grace_usage()
+            dead[dead_codes(self.usage_ema, self.restart_threshold)] = True
+        if self.restart_unused_steps > 0:
+            idle = idle_codes(
+                self.last_used, self.last_restart, self.step, self.restart_unused_steps
+            )
+            dead[idle] = True
+        return torch.nonzero(dead).flatten()  # (num_dead,) ascending
+
+    def _restart(self, dead: Tensor, x: Tensor) -> None:
+        """Move dead codes (M,) onto recent encoder outputs of all ranks."""
+        pool = self._gather_sample(x, dead.numel())  # (P, d), P <= M rounded up to ranks
+        num = min(dead.numel(), pool.shape[0])
+        # Rank 0 draws, everyone takes its draw. When candidates run short (a small
+        # batch, many dead codes) the lowest-numbered dead codes go first; the others
+        # stay dead and are restarted at a later step.
+        fresh = self.collective.broadcast(sample_rows(pool, num).contiguous(), src=0)  # (num, d)
+        self._set_codes(dead[:num], fresh)
+        self.restart_count += num
 
     def _grace_usage(self) -> float:
         # A new or restarted code starts at twice the threshold: with decay g it has about
@@ -176,18 +316,47 @@ class VectorQuantizer(nn.Module):
         return 2.0 * self.restart_threshold
 
     def _set_codes(self, which: Tensor, vectors: Tensor) -> None:
-        """Overwrite codes `which` (M,) with vectors (M, D), EMA statistics included."""
+        """(Re)start codes `which` (M,) at vectors (M, d), with fresh statistics."""
+        if self.l2_normalize:
+            vectors = l2_normalize_rows(vectors)
         self.embed.data[which] = vectors.to(self.embed.dtype)
         if self.ema:
             # One pseudo-observation of the new value, as at construction.
             self.cluster_size[which] = 1.0
             self.embed_sum[which] = vectors
+        self.usage_ema[which] = self._grace_usage()
+        self.last_restart[which] = self.step
+
+    @torch.no_grad()
+    def codebook_stats(self, window: int) -> CodebookStats:
+        """Codebook health over the last `window` training steps; needs no collective
+        (the state behind it is built from counts summed over all ranks)."""
+        if window < 1:
+            raise ValueError(f"window must be at least one step, got {window}")
+        step = int(self.step.item())
+        return CodebookStats(
+            usage=window_usage(self.last_used, step, window).item(),
+            perplexity=perplexity(self.usage_ema).item(),
+            restarts=int(self.restart_count.item()),
+            window=window,
+            step=step,
+        )
 
     def lookup(self, indices: Tensor) -> Tensor:
-        """Codebook vectors for a grid of indices: (B, h, w) -> (B, D, h, w) fp32."""
+        """Decoder inputs for a grid of indices: (B, h, w) -> (B, D, h, w) fp32."""
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            z_q = F.embedding(indices, self.embed.float())  # (B, h, w, D)
-        return rearrange(z_q, "b h w d -> b d h w")
+            e = F.embedding(indices, self.codebook.float())  # (B, h, w, d)
+            z_q = self._from_lookup(e)  # (B, h, w, D)
+        return rearrange(z_q, "b h w c -> b c h w")
 
     def extra_repr(self) -> str:
-        return f"codebook_size={self.codebook_size}, code_dim={self.code_dim}, beta={self.beta}, ema={self.ema}"
+        return (
+            f"codebook_size={self.codebook_size}, code_dim={self.code_dim}, "
+            f"lookup_dim={self.lookup_dim}, l2_normalize={self.l2_normalize}, "
+            f"beta={self.beta}, ema={self.ema}, init={self.init!r}"
+        )
+
+
+def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) computed in fp32 whatever dtype the layer's weights were cast to."""
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())

@@ -1,0 +1,248 @@
+"""Index shards in process: the format, plain readers, IndexShards, packed arrays, verify,
+resume from partial output, and refusal of another tokenizer's codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from tokenize_helpers import (
+    Sources,
+    expected_codes,
+    plain_tar_samples,
+    save_tiny_release,
+    tiny_tokenizer,
+    tree_bytes,
+    write_sources,
+)
+
+from tokenizer import Tokenizer
+from tokenizer.data import IndexShards, code_dtype, collate_tokens, read_manifest
+from tokenizer.data.index_verify import verify_index
+from tokenizer.tokenize_corpus import TokenizeOptions, tokenize_corpus
+
+RES = 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("index")
+    release = save_tiny_release(root / "release")
+    sources = write_sources(root / "src", num_shards=3, per_shard=8)
+    return {"root": root, "release": release, "sources": sources}
+
+
+def run(world: dict, out: Path, storage: str = "tar", workers: int = 0, **kw) -> None:
+    options = TokenizeOptions(
+        tokenizer=str(kw.pop("release", world["release"])),
+        inputs=[world["sources"].pattern],
+        output=str(out),
+        batch_size=3,  # shards of 8: batches end mid-shard and shards end mid-batch
+        num_workers=workers,
+        storage=storage,
+        progress=False,
+        **kw,
+    )
+    tokenize_corpus(options)
+
+
+@pytest.fixture(scope="module")
+def npy_index(world) -> Path:
+    out = world["root"] / "npy"
+    run(world, out, storage="npy", workers=1)
+    return out
+
+
+def test_output_is_complete_with_captions_and_failures_listed(world, npy_index):
+    sources: Sources = world["sources"]
+    manifest = read_manifest(npy_index)
+    assert [Path(s.path).name for s in manifest.shards] == [Path(p).name for p in sources.paths]
+    assert [s.source for s in manifest.shards] == sources.paths
+    assert manifest.num_samples == len(sources.good_keys) and manifest.num_failed == 2
+    reasons = {f.key: f.reason for _, f in manifest.failed}
+    assert sorted(reasons) == sorted(sources.bad)
+    for key, what in sources.bad.items():
+        assert what in reasons[key]
+    assert manifest.dtype == "uint16" and manifest.grid_shape == [4, 4]
+    assert manifest.preprocessing["resolution"] == RES
+    assert manifest.tokenizer["sha256"] == Tokenizer.from_pretrained(world["release"]).fingerprint
+
+    tok = Tokenizer.from_pretrained(world["release"])
+    for shard, path in zip(manifest.shards, sources.paths, strict=True):
+        out = plain_tar_samples(npy_index / shard.path)
+        source = plain_tar_samples(path)
+        assert list(out) == [k for k in source if k not in sources.bad]
+        for key, fields in out.items():
+            assert set(fields) == {"tokens.npy"} | {e for e in source[key] if e in ("txt", "json")}
+            for ext in ("txt", "json"):
+                assert fields.get(ext) == source[key].get(ext)  # byte-identical, even non-UTF-8
+        codes = np.stack([np.load(io.BytesIO(f["tokens.npy"])) for f in out.values()])
+        want = expected_codes(tok, [source[k] for k in out], RES)
+        np.testing.assert_array_equal(codes, want)
+
+
+def test_plain_webdataset_and_numpy_read_the_shards(world, npy_index):
+    # What a prior codebase does without this project: webdataset + numpy, nothing else.
+    urls = sorted(str(p) for p in npy_index.glob("*.tar"))
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node)
+    rows = [(s["__key__"], np.load(io.BytesIO(s["tokens.npy"])), s.get("txt")) for s in dataset]
+    assert [k for k, _, _ in rows] == world["sources"].good_keys
+    for key, tokens, txt in rows:
+        assert tokens.dtype == np.uint16 and tokens.shape == (4, 4) and tokens.max() < 32
+        assert txt == world["sources"].samples[key]["txt"]
+    manifest = json.loads((npy_index / "manifest.json").read_text())
+    assert manifest["codebook_size"] == 32 and manifest["dtype"] == "uint16"
+
+
+def test_npy_format_memory_maps_and_matches_the_tars(world, npy_index):
+    data = IndexShards(npy_index / "manifest.json")
+    streamed = list(data)
+    packed = data.packed()
+    assert len(packed) == len(streamed) == data.num_samples
+    for i, sample in enumerate(streamed):
+        row = packed[i]
+        assert row.key == sample.key and row.fields == sample.fields
+        np.testing.assert_array_equal(row.tokens, sample.tokens)
+        np.testing.assert_array_equal(packed.tokens(i), sample.tokens)
+    first = packed.arrays["tokens"][0]
+    assert isinstance(first, np.memmap) and first.dtype == np.uint16 and first.shape == (8, 4, 4)
+    # Raw numpy, no project code: np.load with mmap_mode on the packed file.
+    raw = np.load(npy_index / "000000.tokens.npy", mmap_mode="r")
+    np.testing.assert_array_equal(raw[0], streamed[0].tokens)
+    assert streamed[1].txt == "caf\ufffd latin-1 \ufffd"  # lossy as text, exact as bytes
+    assert streamed[1].fields["txt"] == b"caf\xe9 latin-1 \xff"
+    assert streamed[1].json == {"key": "img0_001", "n": 1}
+
+    tar_only = world["root"] / "tar"
+    run(world, tar_only, storage="tar")
+    for name in ("000000.tar", "000001.tar", "000002.tar"):
+        assert (tar_only / name).read_bytes() == (npy_index / name).read_bytes()
+    with pytest.raises(ValueError, match="--format npy"):
+        IndexShards(tar_only).packed()
+
+
+def test_index_shards_split_by_rank_and_worker_and_shuffle_per_epoch(npy_index):
+    keys = [s.key for s in IndexShards(npy_index)]
+    for nslots in (2, 4):  # fewer shards (3) than slots: samples are split instead
+        parts = [
+            [s.key for s in IndexShards(npy_index, rank=r, world_size=nslots)]
+            for r in range(nslots)
+        ]
+        assert Counter(k for p in parts for k in p) == Counter(keys)
+    # 2 ranks x 2 DataLoader workers: every sample once over the four readers.
+    loaders = [
+        torch.utils.data.DataLoader(
+            IndexShards(npy_index, rank=rank, world_size=2), batch_size=4, num_workers=2,
+            collate_fn=collate_tokens,
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    batches = [batch for loader in loaders for batch in loader]
+    assert Counter(k for batch in batches for k in batch.keys) == Counter(keys)
+    assert batches[0].tokens.dtype == torch.int64 and batches[0].tokens.shape[1:] == (4, 4)
+
+    data = IndexShards(npy_index, shuffle=True, seed=1, shuffle_buffer=5)
+    epochs = []
+    for epoch in range(3):
+        data.set_epoch(epoch)
+        epochs.append([s.key for s in data])
+    assert all(sorted(e) == sorted(keys) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    data.set_epoch(1)
+    assert [s.key for s in data] == epochs[1]  # an epoch's order is reproducible
+
+
+def test_another_tokenizers_manifest_is_refused(world, npy_index):
+    mine = Tokenizer.from_pretrained(world["release"])
+    IndexShards(npy_index, tokenizer=mine)  # the right one passes
+    other = tiny_tokenizer(seed=1)
+    with pytest.raises(ValueError, match="not by the given one"):
+        IndexShards(npy_index / "manifest.json", tokenizer=other)
+    # Codes from another tokenizer never land in an existing index folder either.
+    other_release = other.save_pretrained(world["root"] / "other_release")
+    with pytest.raises(ValueError, match="other settings"):
+        run(world, npy_index, storage="npy", release=other_release)
+
+
+def test_verify_passes_clean_output_and_catches_damage(world, npy_index, tmp_path):
+    report = verify_index(npy_index)
+    assert report.ok, report.problems
+    assert len(report.notes) == 2  # the two failed samples, listed
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name, data in tree_bytes(npy_index).items():
+        (damaged / name).parent.mkdir(parents=True, exist_ok=True)
+        (damaged / name).write_bytes(data)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["shards"][0]["num_samples"] += 1
+    manifest["shards"][1]["failed"] = []  # two source keys neither present nor failed
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    codes = np.load(damaged / "000002.tokens.npy")
+    codes[0, 0, 0] += 1
+    np.save(damaged / "000002.tokens.npy", codes)
+    report = verify_index(damaged)
+    problems = "\n".join(report.problems)
+    assert "000000.tar: 8 samples, manifest says 9" in problems
+    assert "num_samples differs" in problems and "num_failed differs" in problems
+    assert "'img1_002' is neither in the index nor failed" in problems
+    assert "000002.tokens.npy: row 0 differs from the tar" in problems
+    assert not report.ok
+
+
+def test_resume_redoes_partial_shards_and_equals_a_clean_run(world, npy_index, tmp_path):
+    out = tmp_path / "resumed"
+    for name, data in tree_bytes(npy_index).items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    # What a kill leaves behind: no manifest, a shard without its record, a half-written
+    # temporary, a truncated tar whose record is gone, a packed array never written.
+    (out / "manifest.json").unlink()
+    (out / "records" / "000001.json").unlink()
+    (out / ".000001.tar.tmp-12345").write_bytes(b"partial")
+    tar = out / "000002.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    (out / "records" / "000002.json").unlink()
+    (out / "000002.tokens.npy").unlink()
+    untouched = (out / "000000.tar").stat().st_mtime_ns
+
+    run(world, out, storage="npy")
+    assert tree_bytes(out) == tree_bytes(npy_index)
+    assert (out / "000000.tar").stat().st_mtime_ns == untouched  # complete: not redone
+
+
+def test_truncated_source_tar_is_recorded(world, tmp_path):
+    sources = write_sources(tmp_path / "src", num_shards=1, per_shard=6)
+    path = Path(sources.paths[0])
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) * 2 // 3])
+    out = tmp_path / "out"
+    options = TokenizeOptions(
+        str(world["release"]), [str(path)], str(out), batch_size=4, num_workers=0, progress=False
+    )
+    tokenize_corpus(options)
+    [shard] = read_manifest(out).shards
+    assert shard.read_error and "read error" in shard.read_error
+    assert 0 < shard.num_samples < 6
+    assert verify_index(out).ok
+
+
+def test_large_codebooks_write_int32(world, tmp_path):
+    assert code_dtype(65536) == np.uint16 and code_dtype(65537) == np.int32
+    release = save_tiny_release(tmp_path / "big", codebook_size=70000)
+    src = write_sources(tmp_path / "src", num_shards=1, per_shard=3)
+    out = tmp_path / "out"
+    tokenize_corpus(
+        TokenizeOptions(str(release), src.paths, str(out), num_workers=0, progress=False)
+    )
+    manifest = read_manifest(out)
+    assert manifest.dtype == "int32" and manifest.codebook_size == 70000
+    [sample, *_] = list(IndexShards(out))
+    assert sample.tokens.dtype == np.int32
+    assert verify_index(out).ok

@@ -1,0 +1,199 @@
+"""Check an index folder against its manifest and its source shards.
+
+Counts, dtypes, shapes and code ranges of every sample; packed arrays equal to the tars;
+every readable source key either in the index exactly once (with its txt/json fields
+byte-identical) or listed as failed. Anything else is a problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokenizer.data.index_format import (
+    GridSpec,
+    IndexManifest,
+    ShardRecord,
+    carried_fields,
+    code_dtype,
+    load_tokens,
+    read_manifest,
+    sidecar_bytes,
+)
+from tokenizer.data.tars import RawSample, read_tar
+
+
+@dataclass
+class VerifyReport:
+    num_shards: int = 0
+    num_samples: int = 0
+    num_failed: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # listed failures: accounted for, not wrong
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _digest(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def _read_all(path: Path, problems: list[str]) -> list[RawSample]:
+    return list(read_tar(str(path), problems.append))
+
+
+def _check_codes(key: str, raw: RawSample, grids: list[GridSpec]) -> list[str]:
+    problems = []
+    for grid in grids:
+        data = raw.fields.get(grid.field)
+        if data is None:
+            problems.append(f"{raw.shard}: sample {key!r} has no {grid.field}")
+            continue
+        codes = load_tokens(data)
+        if codes.dtype != np.dtype(grid.dtype) or list(codes.shape) != grid.shape:
+            problems.append(
+                f"{raw.shard}: sample {key!r} {grid.field} is {codes.dtype} {codes.shape}, "
+                f"the manifest says {grid.dtype} {tuple(grid.shape)}"
+            )
+        elif codes.size and (codes.min() < 0 or codes.max() >= grid.codebook_size):
+            problems.append(
+                f"{raw.shard}: sample {key!r} {grid.field} has codes outside "
+                f"[0, {grid.codebook_size}): {codes.min()}..{codes.max()}"
+            )
+    return problems
+
+
+def _check_packed(
+    root: Path, shard: ShardRecord, samples: list[RawSample], grids: list[GridSpec]
+) -> list[str]:
+    if shard.packed is None:
+        return [f"{shard.path}: npy format but no packed arrays recorded"]
+    problems = []
+    for grid in grids:
+        array = np.load(root / shard.packed[grid.name], mmap_mode="r", allow_pickle=False)
+        expected = (len(samples), *grid.shape)
+        if array.shape != expected or array.dtype != np.dtype(grid.dtype):
+            problems.append(
+                f"{shard.packed[grid.name]}: {array.dtype} {array.shape}, expected "
+                f"{grid.dtype} {expected}"
+            )
+            continue
+        for row, raw in enumerate(samples):
+            if grid.field in raw.fields and not np.array_equal(
+                array[row], load_tokens(raw.fields[grid.field])
+            ):
+                problems.append(f"{shard.packed[grid.name]}: row {row} differs from the tar")
+                break
+    lines = (root / shard.packed["samples"]).read_text(encoding="ascii").splitlines()
+    rows = [json.loads(line) for line in lines]
+    if [r["__key__"] for r in rows] != [s.key for s in samples]:
+        problems.append(f"{shard.packed['samples']}: keys differ from the tar's")
+    else:
+        for row, raw in zip(rows, samples, strict=True):
+            meta = {k: sidecar_bytes(v) for k, v in row.items() if k != "__key__"}
+            if meta != carried_fields(raw.fields):
+                problems.append(f"{shard.packed['samples']}: {raw.key!r} fields differ")
+                break
+    return problems
+
+
+def _check_source(shard: ShardRecord, index: dict[str, RawSample]) -> list[str]:
+    source = Path(shard.source)
+    if not source.is_file():
+        return [f"{shard.path}: source shard {source} not found, cannot compare"]
+    errors: list[str] = []
+    raws = _read_all(source, errors)
+    problems = []
+    if bool(errors) != bool(shard.read_error):
+        problems.append(f"{source}: read error now {errors}, recorded {shard.read_error!r}")
+    failed = {f.key for f in shard.failed}
+    source_keys = set()
+    for raw in raws:
+        source_keys.add(raw.key)
+        out = index.get(raw.key)
+        if out is None:
+            if raw.key not in failed:
+                problems.append(f"{source}: key {raw.key!r} is neither in the index nor failed")
+        elif carried_fields(out.fields) != carried_fields(raw.fields):
+            problems.append(f"{shard.path}: {raw.key!r} txt/json differ from the source")
+    for key in sorted(set(index) - source_keys)[:10]:
+        problems.append(f"{shard.path}: key {key!r} is not in the source {source}")
+    for key in sorted(failed & set(index))[:10]:
+        problems.append(f"{shard.path}: key {key!r} is listed as failed but present")
+    return problems
+
+
+def _check_shard(
+    root: Path, manifest: IndexManifest, shard: ShardRecord, check_sources: bool
+) -> tuple[list[str], np.ndarray]:
+    """Problems of one shard, and the 64-bit digests of its keys (for duplicates)."""
+    path = root / shard.path
+    if not path.is_file():
+        return [f"{shard.path}: missing"], np.zeros(0, np.uint64)
+    problems: list[str] = []
+    samples = _read_all(path, problems)
+    if len(samples) != shard.num_samples:
+        problems.append(f"{shard.path}: {len(samples)} samples, manifest says {shard.num_samples}")
+    index: dict[str, RawSample] = {}
+    for raw in samples:
+        if raw.key in index:
+            problems.append(f"{shard.path}: key {raw.key!r} appears twice")
+        index[raw.key] = raw
+        problems += _check_codes(raw.key, raw, manifest.grids)
+    if manifest.storage == "npy":
+        problems += _check_packed(root, shard, samples, manifest.grids)
+    if check_sources:
+        problems += _check_source(shard, index)
+    return problems, np.array([_digest(k) for k in index], dtype=np.uint64)
+
+
+def _check_header(manifest: IndexManifest) -> list[str]:
+    problems = []
+    for grid in manifest.grids:
+        if np.dtype(grid.dtype) != code_dtype(grid.codebook_size):
+            problems.append(f"grid {grid.name}: dtype {grid.dtype} for K={grid.codebook_size}")
+    recorded = {s.source for s in manifest.shards}
+    missing = [s for s in manifest.inputs if s not in recorded]
+    if missing:
+        problems.append(f"{len(missing)} input shards have no index shard: {missing[:5]}")
+    if sum(s.num_samples for s in manifest.shards) != manifest.num_samples:
+        problems.append("num_samples differs from the sum over shards")
+    if sum(len(s.failed) for s in manifest.shards) != manifest.num_failed:
+        problems.append("num_failed differs from the failed samples listed")
+    return problems
+
+
+def verify_index(index_dir: str | Path, check_sources: bool = True) -> VerifyReport:
+    root = Path(index_dir)
+    report = VerifyReport()
+    try:
+        manifest = read_manifest(root)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        report.problems.append(f"{root}: unreadable manifest ({err})")
+        return report
+    report.num_shards = len(manifest.shards)
+    report.num_samples = manifest.num_samples
+    report.num_failed = manifest.num_failed
+    report.problems += _check_header(manifest)
+    # 8 bytes a key: duplicates across hundreds of millions of keys fit in memory.
+    digests: list[np.ndarray] = [np.zeros(0, np.uint64)]
+    for shard in manifest.shards:
+        problems, keys = _check_shard(root, manifest, shard, check_sources)
+        report.problems += problems
+        digests.append(keys)
+        report.notes += [f"{shard.source}: {f.key!r} failed: {f.reason}" for f in shard.failed]
+        if shard.read_error:
+            report.notes.append(shard.read_error)
+    unique, counts = np.unique(np.concatenate(digests), return_counts=True)
+    if (counts > 1).any():
+        report.problems.append(
+            f"{int((counts > 1).sum())} keys appear in more than one index shard "
+            f"(of {len(unique)} keys)"
+        )
+    return report

@@ -1,0 +1,83 @@
+"""Reading webdataset tar shards sample by sample, and decoding their images.
+
+One place knows webdataset's naming rule and survives truncated tars and corrupt
+images; the training stream, evaluation and the corpus tokenizer all read through it.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class RawSample:
+    key: str
+    shard: str
+    fields: dict[str, bytes]  # extension -> bytes: {"png": ..., "txt": ..., "json": ...}
+
+
+class DecodeError(ValueError):
+    """A sample whose image cannot be used; the message is the reason, for manifests."""
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    """webdataset's rule: key = path up to the first dot of the basename, ext = the rest."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{head}/{stem}" if head else stem), ext.lower()
+
+
+def read_tar(path: str, on_error: Callable[[str], None]) -> Iterator[RawSample]:
+    """Yield the complete samples of a tar in file order; stop at the first read error,
+    reporting it through `on_error` (a truncated tar keeps the samples before the break)."""
+    current: RawSample | None = None
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                parts = split_name(member.name) if member.isfile() else None
+                if parts is None:
+                    continue
+                key, ext = parts
+                # A new key completes the previous sample: hand it out before reading
+                # on, so a break in this member's data cannot take it down too.
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = RawSample(key, path, {})
+                current.fields[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        if current is not None:
+            yield current
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        # The sample being read when the tar broke may be incomplete: drop it.
+        on_error(f"shard {path}: read error ({err}); kept the samples before it")
+
+
+def image_extension(fields: dict[str, bytes]) -> str | None:
+    return next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+
+
+def decode_image(sample: RawSample, resolution: int) -> Image.Image:
+    """The sample's image as RGB; raises DecodeError with the reason when it has none or
+    it does not decode."""
+    ext = image_extension(sample.fields)
+    if ext is None:
+        raise DecodeError(f"no image field (one of {', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        image = Image.open(io.BytesIO(sample.fields[ext]))
+        # JPEGs can decode at a reduced DCT scale that still covers (R, R): much faster
+        # for large photographs, and the bicubic resize that follows finishes the job.
+        image.draft("RGB", (resolution, resolution))
+        return image.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise DecodeError(f"cannot decode {ext}: {type(err).__name__}: {err}") from None

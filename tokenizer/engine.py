@@ -1,0 +1,67 @@
+"""Build the Accelerator for whatever `accelerate launch` asked for: one process, DDP,
+DeepSpeed ZeRO 1/2/3, on GPUs or on CPU ranks (gloo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
+
+from tokenizer.config import Config
+
+
+def deepspeed_requested() -> bool:
+    # `accelerate launch` with a DEEPSPEED config sets this for every rank.
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _allow_deepspeed_without_transformers() -> None:
+    """Accelerate's DeepSpeed plugin registers a weak reference for transformers'
+    ZeRO-3 `from_pretrained`; without transformers installed that import crashes the
+    plugin. We never load transformers models, so the reference is not needed."""
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.imports import is_transformers_available
+
+    if not is_transformers_available():
+        DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    use_deepspeed = deepspeed_requested()
+    # The codebook synchronises its own buffers (all-reduced EMA statistics, broadcast
+    # restarts) exactly as it must under DeepSpeed; DDP re-broadcasting them from rank 0
+    # before every forward would only cost bandwidth and hide a sync bug.
+    handlers: list = [DistributedDataParallelKwargs(broadcast_buffers=False)]
+    if use_deepspeed:
+        _allow_deepspeed_without_transformers()
+        if on_cpu:
+            # DeepSpeed on CPU ranks needs gloo named explicitly, and cpu=True must NOT be
+            # passed (Accelerate would then drop the DeepSpeed engine).
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    project = ProjectConfiguration(
+        project_dir=cfg.run.dir, logging_dir=str(Path(cfg.run.dir) / "logs")
+    )
+    accelerator = Accelerator(
+        # Without cpu=True, CPU ranks launched with --multi_gpu each believe they are alone.
+        cpu=on_cpu and not use_deepspeed,
+        mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with="tensorboard" if cfg.logging.tensorboard else None,
+        project_config=project,
+        kwargs_handlers=handlers,
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # Our loader is not passed to prepare() (it would drop or duplicate samples), so
+        # DeepSpeed cannot read the batch size from it; clipping is DeepSpeed's job too.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        plugin.deepspeed_config["gradient_clipping"] = cfg.train.grad_clip
+    return accelerator

@@ -1,0 +1,265 @@
+"""Tokenize a corpus of image shards into index shards (tools/tokenize_dataset.py).
+
+Three stages overlap on every rank: DataLoader workers decode and crop whole source
+shards, the main thread encodes batches on the accelerator, and a background thread
+writes each output shard (to a temporary name, renamed when complete, then its record).
+Source shards are divided among ranks after leaving out those whose record says they
+are complete, so a rerun after a crash redoes only unfinished shards; one output shard
+depends only on its source shard, so the result equals one clean run's. Rank 0 merges
+the records into manifest.json at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from torch.utils.data import DataLoader
+
+from tokenizer.api import Tokenizer
+from tokenizer.data.images import check_shards_exist, expand_shards
+from tokenizer.data.index_format import (
+    MANIFEST,
+    GridSpec,
+    IndexManifest,
+    ShardRecord,
+    code_dtype,
+    grid_fields,
+    output_name,
+    read_record,
+    settings_digest,
+    write_json_atomic,
+)
+from tokenizer.data.index_sink import EncodedBatch, IndexSink
+from tokenizer.data.index_writer import completed_record, remove_stale_temporaries
+from tokenizer.data.source_batches import SourceBatch, SourceShards
+from tokenizer.data.transforms import eval_preprocessing
+from tokenizer.progress import ImageProgress
+
+# Ranks finish their last shards at different times; the final barrier must outwait that.
+_BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass
+class TokenizeOptions:
+    tokenizer: str  # release directory
+    inputs: list[str]  # brace patterns or tar paths
+    output: str
+    batch_size: int = 64
+    num_workers: int = 4
+    resolution: int = 0  # 0: the tokenizer's training resolution
+    storage: str = "tar"  # "tar", or "npy": tars plus packed (n, h, w) arrays
+    progress: bool = True
+
+
+@dataclass
+class TokenizeSummary:
+    num_shards: int  # source shards of the run
+    shards_skipped: int  # complete from an earlier run
+    images_encoded: int  # by this run, all ranks
+    seconds: float
+    manifest: IndexManifest | None  # on rank 0
+
+
+@dataclass
+class _Plan:
+    sources: list[str]  # absolute paths, in input order
+    names: list[str]  # output tar names
+    grids: list[GridSpec]
+    preprocessing: dict
+    settings: str
+
+
+def make_accelerator() -> Accelerator:
+    # Without cpu=True, CPU ranks launched with --multi_gpu each believe they are alone.
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=_BARRIER_TIMEOUT)],
+    )
+
+
+def _plan(options: TokenizeOptions, tok: Tokenizer) -> _Plan:
+    sources = [os.path.abspath(p) for p in expand_shards(options.inputs)]
+    if not sources:
+        raise ValueError("no input shards (the pattern expands to nothing)")
+    check_shards_exist(sources)
+    names = [output_name(s) for s in sources]
+    if len(set(names)) != len(names):
+        seen: dict[str, str] = {}
+        for source, name in zip(sources, names, strict=True):
+            if name in seen:
+                raise ValueError(f"{seen[name]} and {source} would both write {name}")
+            seen[name] = source
+    if options.storage not in ("tar", "npy"):
+        raise ValueError(f"--format must be 'tar' or 'npy', got {options.storage!r}")
+    resolution = options.resolution or tok.resolution
+    h, w = tok.grid_shape(resolution, resolution)
+    dtype = code_dtype(tok.codebook_size)
+    # A hierarchical model gives each grid its own shape and K; only one grid exists yet.
+    grids = [
+        GridSpec(name, field, [h, w], tok.codebook_size, dtype.name)
+        for name, field in grid_fields(list(tok.grid_names)).items()
+    ]
+    preprocessing = eval_preprocessing(resolution)
+    return _Plan(
+        sources, names, grids, preprocessing, settings_digest(tok.fingerprint, preprocessing, grids)
+    )
+
+
+def _to_numpy(codes: dict[str, torch.Tensor], grids: list[GridSpec]) -> dict[str, np.ndarray]:
+    # Narrow on the device, copy the smaller array: (b, h, w) int32, then the grid's dtype.
+    return {
+        g.name: codes[g.name].to(torch.int32).cpu().numpy().astype(g.dtype, copy=False)
+        for g in grids
+    }
+
+
+def _empty_codes(grids: list[GridSpec]) -> dict[str, np.ndarray]:
+    return {g.name: np.zeros((0, *g.shape), np.dtype(g.dtype)) for g in grids}
+
+
+def _identity(batch: SourceBatch) -> SourceBatch:
+    return batch
+
+
+def _encode_shards(
+    tok: Tokenizer,
+    plan: _Plan,
+    jobs: list[int],
+    options: TokenizeOptions,
+    out: Path,
+    progress: ImageProgress,
+) -> None:
+    """Encode and write this rank's shards."""
+    sources = [plan.sources[j] for j in jobs]
+    names = [plan.names[j] for j in jobs]
+    resolution = plan.preprocessing["resolution"]
+    extra = {"prefetch_factor": 4} if options.num_workers > 0 else {}
+    loader = DataLoader(
+        SourceShards(sources, resolution, options.batch_size),
+        batch_size=None,
+        num_workers=min(options.num_workers, len(sources)),
+        collate_fn=_identity,
+        pin_memory=tok.device.type == "cuda",
+        **extra,
+    )
+    sink = IndexSink(out, names, sources, plan.grids, plan.settings, options.storage == "npy")
+    # One batch in flight: the device encodes batch i+1 while batch i's codes come back.
+    pending: tuple[SourceBatch, dict[str, torch.Tensor] | None] | None = None
+    try:
+        for batch in loader:
+            codes = tok.encode_grids(batch.images) if batch.keys else None
+            if pending is not None:
+                sink.put(_finish(*pending, plan.grids))
+            pending = (batch, codes)
+            progress.update(
+                len(batch.keys), len(batch.failed), batch.source_bytes, len(sink.records)
+            )
+        if pending is not None:
+            sink.put(_finish(*pending, plan.grids))
+    except BaseException:
+        sink.abort()  # unfinished shards keep no files; the original error propagates
+        raise
+    progress.update(0, 0, 0, len(sink.close()))
+
+
+def _finish(
+    batch: SourceBatch, codes: dict[str, torch.Tensor] | None, grids: list[GridSpec]
+) -> EncodedBatch:
+    arrays = _to_numpy(codes, grids) if codes is not None else _empty_codes(grids)
+    return EncodedBatch(
+        batch.job, batch.keys, batch.fields, arrays, batch.failed, batch.end, batch.read_error
+    )
+
+
+def _manifest(tok: Tokenizer, options: TokenizeOptions, plan: _Plan, out: Path) -> IndexManifest:
+    records: list[ShardRecord] = []
+    for name in plan.names:
+        record = read_record(out, name)
+        if record is None or record.settings != plan.settings:
+            raise RuntimeError(f"{out / name}: no record after every rank finished")
+        records.append(record)
+    first = plan.grids[0]
+    return IndexManifest(
+        tokenizer={
+            "sha256": tok.fingerprint,
+            "config": tok.release_config(),
+            "source": os.path.abspath(options.tokenizer),
+        },
+        codebook_size=tok.codebook_size,
+        grid_shape=first.shape,
+        dtype=first.dtype,
+        grids=plan.grids,
+        preprocessing=plan.preprocessing,
+        storage=options.storage,
+        inputs=plan.sources,
+        shards=records,
+        num_samples=sum(r.num_samples for r in records),
+        num_failed=sum(len(r.failed) for r in records),
+    )
+
+
+def tokenize_corpus(
+    options: TokenizeOptions, accelerator: Accelerator | None = None
+) -> TokenizeSummary:
+    accelerator = accelerator or make_accelerator()
+    started = time.perf_counter()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    tok = Tokenizer.from_pretrained(options.tokenizer, device=accelerator.device)
+    plan = _plan(options, tok)
+    out = Path(options.output)
+    packed = options.storage == "npy"
+    # Read-only, on every rank, before anything is written: an output folder of another
+    # tokenizer is refused everywhere, and every rank sees the same pending list.
+    pending = [
+        j
+        for j, name in enumerate(plan.names)
+        if completed_record(out, name, plan.settings, packed) is None
+    ]
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        # A manifest from an earlier run must not outlive shards this run may rewrite.
+        (out / MANIFEST).unlink(missing_ok=True)
+        remove_stale_temporaries(out)
+    accelerator.wait_for_everyone()
+    jobs = pending[rank::world]
+    skipped = len(plan.names) - len(pending)
+    if main:
+        print(
+            f"tokenizing {len(pending)} of {len(plan.names)} shards ({skipped} already "
+            f"complete) on {world} rank(s), device {accelerator.device}, "
+            f"{plan.preprocessing['resolution']} px -> grid {plan.grids[0].shape}",
+            file=sys.stderr,
+            flush=True,
+        )
+    total_bytes = sum(os.path.getsize(plan.sources[j]) for j in jobs)
+    progress = ImageProgress(total_bytes, len(jobs), world, enabled=main and options.progress)
+    try:
+        if jobs:
+            _encode_shards(tok, plan, jobs, options, out, progress)
+    finally:
+        progress.close()
+    images = torch.tensor([progress.images], device=accelerator.device)
+    total = accelerator.reduce(images, "sum")
+    accelerator.wait_for_everyone()
+    manifest = None
+    if main:
+        manifest = _manifest(tok, options, plan, out)
+        write_json_atomic(out / MANIFEST, manifest.to_dict())
+    accelerator.wait_for_everyone()
+    return TokenizeSummary(
+        num_shards=len(plan.names),
+        shards_skipped=skipped,
+        images_encoded=int(total.item()),
+        seconds=time.perf_counter() - started,
+        manifest=manifest,
+    )

@@ -1,0 +1,220 @@
+"""Codebook health at scale: a 16k-code demo tokenizer trained plain and healthy.
+
+    python tools/bench_codebook.py [--steps 200] [--codebook-size 16384] [--eval-crops 2048]
+
+Trains the demo model (configs/demo.yaml, data/demo) twice for the same number of steps
+through the real trainer (launch/train.py in a subprocess, run directories under
+runs/bench_codebook/), once per recipe:
+
+  plain    random init, no restarts, no l2 normalisation, no low-dimensional lookup
+  healthy  k-means init, dead-code restarts (both rules), l2-normalised codes, 8-d lookup
+
+(both keep the demo's EMA codebook), then exports each run as a release and measures
+codebook usage (% of codes chosen at least once), perplexity and PSNR with
+tokenizer.evaluate (evaluate_shards, as tools/eval_tokenizer.py runs it), on two image sets:
+
+  held-out photos  crops of the demo's held-out photographs (chelsea, flower), never
+                   seen in training. The demo's own 64 eval crops give 64 x 16 x 16 =
+                   16384 vectors: even a perfectly uniform tokenizer hits only ~63% of
+                   16384 codes with those, so a larger set of --eval-crops crops of the
+                   same photographs is built (runs/bench_codebook/eval).
+  unseen crops     new crops (another seed) of the 15 training photographs: images the
+                   model never saw, from the distribution it was trained on
+                   (runs/bench_codebook/unseen).
+
+Everything is built with tokenizer.data's demo builder and reused when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Runs as a script from the repository root without installing the package.
+sys.path.insert(0, str(ROOT))
+
+from tokenizer.api import Tokenizer  # noqa: E402
+from tokenizer.data import build_demo_set  # noqa: E402
+from tokenizer.evaluate import EvalResult, evaluate_shards  # noqa: E402
+from tokenizer.export import export_release  # noqa: E402
+
+RECIPES = {
+    "plain": [
+        "quantizer.init=random",
+        "quantizer.restart_threshold=0",
+        "quantizer.restart_unused_steps=0",
+        "quantizer.l2_normalize=false",
+        "quantizer.lookup_dim=0",
+    ],
+    "healthy": [
+        "quantizer.init=kmeans",
+        "quantizer.kmeans_iters=10",
+        "quantizer.l2_normalize=true",
+        "quantizer.lookup_dim=8",
+        # Restart thresholds are set in main() from the vectors per step and K.
+    ],
+}
+
+
+@dataclass
+class Outcome:
+    name: str
+    train_s: float
+    held_out: EvalResult  # crops of the held-out photographs
+    unseen: EvalResult  # new crops of the training photographs
+    train_usage: float  # codes chosen in the last `window` training steps
+    restarts: int
+
+
+def restart_overrides(vectors_per_step: int, codebook_size: int) -> list[str]:
+    """Both restart rules, scaled to the mean hits per code per step (0.5 at 16k codes
+    and 8192 vectors per step): a code is restarted when no vector chose it in the
+    steps that bring a uniformly used code ~10 hits, or when its EMA usage falls under
+    a tenth of the uniform rate."""
+    rate = vectors_per_step / codebook_size
+    return [
+        f"quantizer.restart_unused_steps={max(2, round(10 / rate))}",
+        f"quantizer.restart_threshold={0.1 * rate:g}",
+    ]
+
+
+def train(name: str, overrides: list[str], run_dir: Path) -> float:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    command = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = run_dir / "train.log"
+    started = time.perf_counter()
+    with log.open("w") as fh:
+        done = subprocess.run(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"{name}: training failed (exit {done.returncode}); {log}:\n{tail}")
+    return elapsed
+
+
+def measure(
+    name: str, run_dir: Path, held_out: list[str], unseen: list[str], window: int, seconds: float
+) -> Outcome:
+    release = export_release(run_dir, run_dir / "release").directory
+    tok = Tokenizer.from_pretrained(release)
+    resolution = tok.config.data.resolution
+    stats = tok.model.quantizer.codebook_stats(window)
+    return Outcome(
+        name=name,
+        train_s=seconds,
+        held_out=evaluate_shards(tok.model, held_out, resolution, batch_size=64),
+        unseen=evaluate_shards(tok.model, unseen, resolution, batch_size=64),
+        train_usage=stats.usage,
+        restarts=stats.restarts,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=200, help="training steps per recipe")
+    parser.add_argument("--codebook-size", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-crops", type=int, default=2048, help="crops per eval set")
+    parser.add_argument("--window", type=int, default=50, help="training usage window, steps")
+    parser.add_argument("--output", default=str(ROOT / "runs" / "bench_codebook"))
+    parser.add_argument("--only", choices=sorted(RECIPES), default=None)
+    parser.add_argument(
+        "--healthy",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for the healthy recipe (repeatable), e.g. quantizer.lookup_dim=4",
+    )
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+
+    # The builder always writes both a train and an eval part; each set uses one of them
+    # (the other is a token 8 crops). The demo's training crops were drawn with seed 0.
+    held_out = build_demo_set(out / "eval", train_crops=8, eval_crops=args.eval_crops)
+    unseen = build_demo_set(out / "unseen", train_crops=args.eval_crops, eval_crops=8, seed=1)
+    grid = 64 // 4  # the demo model: 64x64 crops, downsampling factor 4
+    vectors_per_step = args.batch_size * grid * grid
+    common = [
+        f"quantizer.codebook_size={args.codebook_size}",
+        f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        f"train.warmup_steps={max(1, args.steps // 10)}",
+        "checkpoint.every=0",
+        "logging.every=25",
+        "logging.tensorboard=false",
+        "data.eval_shards=null",  # evaluation happens here, on the larger sets
+        "resume=null",
+    ]
+    recipes = {
+        "plain": RECIPES["plain"],
+        "healthy": [
+            *RECIPES["healthy"],
+            *restart_overrides(vectors_per_step, args.codebook_size),
+            *args.healthy,
+        ],
+    }
+    vectors = args.eval_crops * grid * grid
+    print(
+        f"K = {args.codebook_size} codes; {args.steps} steps x batch {args.batch_size} "
+        f"({vectors_per_step} vectors per step) per recipe; {os.cpu_count()} CPU cores"
+    )
+    print(
+        f"eval sets: {args.eval_crops} crops each ({vectors} vectors, "
+        f"{vectors / args.codebook_size:.0f} per code)\n"
+        f"  held-out photos: {held_out.eval_pattern}\n"
+        f"  unseen crops of the training photos: {unseen.train_pattern}\n"
+        f"  (the demo's own 64 eval crops give {64 * grid * grid} vectors: too few to reach "
+        f"95% of {args.codebook_size} codes even with perfectly uniform use)"
+    )
+    outcomes = []
+    for name, overrides in recipes.items():
+        if args.only and name != args.only:
+            continue
+        run_dir = out / name
+        print(f"{name}: {' '.join(overrides)}", flush=True)
+        seconds = train(name, [*common, f"run.dir={run_dir}", *overrides], run_dir)
+        outcomes.append(
+            measure(name, run_dir, held_out.eval_shards, unseen.train_shards, args.window, seconds)
+        )
+
+    print()
+    print(
+        f"{'':8} {'':>7} | {'held-out photos':^33} | {'unseen crops':^18} | {'training':^19}\n"
+        f"{'recipe':8} {'train s':>7} | {'codes':>6} {'usage':>7} {'ppl':>7} {'PSNR dB':>9} | "
+        f"{'usage':>7} {'PSNR dB':>9} | {'usage':>8} {'restarts':>9}"
+    )
+    for o in outcomes:
+        codes = round(o.held_out.usage * args.codebook_size)
+        print(
+            f"{o.name:8} {o.train_s:7.0f} | {codes:6d} {100 * o.held_out.usage:6.1f}% "
+            f"{o.held_out.perplexity:7.0f} {o.held_out.psnr:9.2f} | "
+            f"{100 * o.unseen.usage:6.1f}% {o.unseen.psnr:9.2f} | "
+            f"{100 * o.train_usage:7.1f}% {o.restarts:9d}"
+        )
+    print(f"(training usage: codes chosen in the last {args.window} training steps)")
+    healthy = next((o for o in outcomes if o.name == "healthy"), None)
+    if healthy is not None:
+        verdict = "met" if healthy.held_out.usage >= 0.95 else "NOT met"
+        print(f"target >= 95% of codes used on held-out photos (healthy): {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
