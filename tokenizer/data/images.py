@@ -32,7 +32,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer.config import DataConfig
 from tokenizer.data.order import AUGMENT, SHUFFLE, buffer_shuffle, mix_seed, shard_order
-from tokenizer.data.tars import IMAGE_EXTENSIONS, DecodeError, RawSample, decode_image, read_tar
+from tokenizer.data.tars import (
+    IMAGE_EXTENSIONS,
+    DecodeError,
+    RawSample,
+    decode_image,
+    read_tar,
+    slot_samples,
+)
 from tokenizer.data.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
@@ -117,21 +124,6 @@ class _ErrorCount:
         return pending
 
 
-def _slot_samples(
-    shards: Sequence[str], order: list[int], slot: int, nslots: int, errors: _ErrorCount
-) -> Iterator[RawSample]:
-    if len(shards) >= nslots:
-        for j in order[slot::nslots]:
-            yield from read_tar(shards[j], errors)
-        return
-    running = 0
-    for j in order:
-        for raw in read_tar(shards[j], errors):
-            if running % nslots == slot:
-                yield raw
-            running += 1
-
-
 # --------------------------------------------------------------------------- decoding
 
 
@@ -204,7 +196,7 @@ def _train_items(
     epoch = start.epoch
     while True:
         order = shard_order(seed, epoch, len(shards))
-        raws = _slot_samples(shards, order, slot, nslots, errors)
+        raws = slot_samples(shards, order, slot, nslots, errors)
         skip = start.next_index if epoch == start.epoch else 0
         emitted = decoded = 0
         shuffled = buffer_shuffle(

@@ -34,7 +34,7 @@ from tokenizer.data.index_format import (
     sidecar_bytes,
 )
 from tokenizer.data.order import SHUFFLE, buffer_shuffle, mix_seed, shard_order
-from tokenizer.data.tars import RawSample, read_tar
+from tokenizer.data.tars import RawSample, slot_samples
 from tokenizer.distributed import current_collective
 
 if TYPE_CHECKING:
@@ -148,17 +148,7 @@ class IndexShards(IterableDataset):
 
         order = shard_order(self.seed, self.epoch, len(shards)) if self.shuffle else None
         order = order if order is not None else list(range(len(shards)))
-        if len(shards) >= nslots:
-            for j in order[slot::nslots]:
-                yield from read_tar(shards[j], broken)
-            return
-        # Fewer shards than readers: everyone reads every shard, keeping its share.
-        running = 0
-        for j in order:
-            for raw in read_tar(shards[j], broken):
-                if running % nslots == slot:
-                    yield raw
-                running += 1
+        yield from slot_samples(shards, order, slot, nslots, broken)
 
     def __iter__(self) -> Iterator[IndexSample]:
         info = get_worker_info()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from PIL import Image
@@ -81,3 +81,25 @@ def decode_image(sample: RawSample, resolution: int) -> Image.Image:
         return image.convert("RGB")
     except Exception as err:  # PIL raises many types for corrupt data
         raise DecodeError(f"cannot decode {ext}: {type(err).__name__}: {err}") from None
+
+
+def slot_samples(
+    shards: Sequence[str],
+    order: Sequence[int],
+    slot: int,
+    nslots: int,
+    on_error: Callable[[str], None],
+) -> Iterator[RawSample]:
+    """The raw samples one reader (slot) of nslots takes from `shards` read in `order`:
+    whole shards order[slot::nslots], or with fewer shards than readers every shard,
+    keeping the samples whose running index falls to this slot."""
+    if len(shards) >= nslots:
+        for j in order[slot::nslots]:
+            yield from read_tar(shards[j], on_error)
+        return
+    running = 0
+    for j in order:
+        for raw in read_tar(shards[j], on_error):
+            if running % nslots == slot:
+                yield raw
+            running += 1
