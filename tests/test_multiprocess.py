@@ -19,11 +19,14 @@ from tokenizer.checkpoint import latest_checkpoint
 pytestmark = pytest.mark.slow
 DUMP = "tests/scripts/train_and_dump.py"
 # Codebook health machinery that must stay identical on every rank: EMA statistics,
-# data-dependent init and restarts (codes idle for 3 steps are restarted, so they fire).
+# data-dependent init, restarts (codes idle for 3 steps are restarted, so they fire),
+# and the low-dimensional, l2-normalised lookup with its projections.
 SYNC = (
     "quantizer.init=data",
     "quantizer.restart_threshold=2.0",
     "quantizer.restart_unused_steps=3",
+    "quantizer.lookup_dim=4",
+    "quantizer.l2_normalize=true",
     "distributed.check_every=1",
 )
 

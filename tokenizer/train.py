@@ -139,6 +139,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         if step % cfg.logging.every == 0 or step == stop_at:
             bad = torch.tensor(float(stream.bad_samples), device=accelerator.device)
             extra = {"lr": scheduler.get_last_lr()[0]}
+            stats = core.quantizer.codebook_stats(cfg.logging.every)
+            extra["codebook/window_usage"] = stats.usage
+            extra["codebook/restarts"] = float(stats.restarts)
             # Approximate search reports its recall (rank 0's index; every rank builds one).
             extra.update(getattr(core.quantizer.search, "diagnostics", dict)())
             extra["data/bad_samples"] = accelerator.reduce(bad, reduction="sum").item()
