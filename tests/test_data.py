@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ShardSet, png_bytes, write_test_shards
+from tokenize_helpers import plain_tar_samples
 
 from tokenizer.config import DataConfig
 from tokenizer.data import (
@@ -238,15 +239,6 @@ def _make_shards_main():
     return module.main
 
 
-def _tar_samples(path: str) -> dict[str, dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
-
-
 def test_make_shards_sample_images(tmp_path: Path, capsys):
     main = _make_shards_main()
     out = tmp_path / "demo"
@@ -258,8 +250,8 @@ def test_make_shards_sample_images(tmp_path: Path, capsys):
     assert len(train) >= 8 and evals
     assert f"{out}/train/{{000000..{len(train) - 1:06d}}}.tar" in printed
 
-    train_samples = {k: v for p in train for k, v in _tar_samples(str(p)).items()}
-    eval_samples = {k: v for p in evals for k, v in _tar_samples(str(p)).items()}
+    train_samples = {k: v for p in train for k, v in plain_tar_samples(str(p)).items()}
+    eval_samples = {k: v for p in evals for k, v in plain_tar_samples(str(p)).items()}
     assert len(train_samples) == 256
     train_sources = {json.loads(s["json"])["source"] for s in train_samples.values()}
     eval_sources = {json.loads(s["json"])["source"] for s in eval_samples.values()}
@@ -294,5 +286,5 @@ def test_make_shards_from_folder_round_trips_bytes_and_captions(tmp_path: Path, 
     out = tmp_path / "shards"
     assert _make_shards_main()(["--input", str(folder), "--output", str(out)]) == 0
     assert "wrote 2 samples in 1 shards" in capsys.readouterr().out
-    samples = _tar_samples(str(out / "000000.tar"))
+    samples = plain_tar_samples(str(out / "000000.tar"))
     assert samples == {"cat": {"png": first, "txt": b"a cat"}, "sub/dog_v2": {"png": second}}
