@@ -185,7 +185,8 @@ class Tokenizer:
             x = uint8_to_model_range(pixels)  # (B, 3, H, W) in [-1, 1]
         else:
             x = pixels.float() * 2.0 - 1.0
-        indices = self.model.quantize(self.model.encode(x.to(self.dtype))).indices
+        # encode() casts to the weights' dtype itself.
+        indices = self.model.quantize(self.model.encode(x)).indices
         return {SINGLE_GRID: indices}  # (B, h, w)
 
     def encode(self, images: ImageInput) -> torch.Tensor:

@@ -105,12 +105,16 @@ def save_training_state(
     return final
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step a complete checkpoint was saved at."""
+    return int(json.loads((path / "trainer.json").read_text())["step"])
+
+
 def load_training_state(accelerator, path: Path) -> ResumedState:
     accelerator.load_state(str(path))
-    trainer = json.loads((path / "trainer.json").read_text())
     data_file = path / f"data_rank{accelerator.process_index}.json"
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return ResumedState(step=int(trainer["step"]), data_state=data_state)
+    return ResumedState(step=checkpoint_step(path), data_state=data_state)
 
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:

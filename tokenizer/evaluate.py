@@ -44,7 +44,7 @@ def evaluate(
         out = model(batch)
         psnr_sum += psnr_per_image(batch, out.reconstruction).sum()
         num_images += batch.shape[0]
-        counts += torch.bincount(out.quantizer.indices.flatten(), minlength=counts.numel())
+        counts += out.quantizer.counts  # (K,) this batch's, computed by the quantizer
     model.train(was_training)
     counts, psnr_sum, num_images = reduce_sum(counts), reduce_sum(psnr_sum), reduce_sum(num_images)
     n = int(num_images.item())

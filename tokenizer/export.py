@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizer.api import Tokenizer
-from tokenizer.checkpoint import latest_checkpoint, load_checkpoint_weights
+from tokenizer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint_weights
 from tokenizer.config import load_config
 
 
@@ -28,5 +27,4 @@ def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) 
     cfg = load_config(config_file)
     tok = Tokenizer.from_config(cfg, load_checkpoint_weights(checkpoint), str(checkpoint))
     tok.save_pretrained(output)
-    step = json.loads((checkpoint / "trainer.json").read_text())["step"]
-    return ExportResult(directory=output, checkpoint=checkpoint, step=step)
+    return ExportResult(directory=output, checkpoint=checkpoint, step=checkpoint_step(checkpoint))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tokenizer.quantize.search import TorchSearch
+from tokenizer.quantize.search import TorchSearch, faiss_available, faiss_has_gpu, import_faiss
 
 
 @dataclass
@@ -111,14 +111,6 @@ def idle_codes(last_used: Tensor, last_restart: Tensor, step: int | Tensor, step
     return torch.nonzero(since >= steps).flatten()  # (num_idle,)
 
 
-def faiss_gpu_available() -> bool:
-    try:
-        import faiss
-    except ImportError:
-        return False
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 def kmeans(
     x: Tensor,
     k: int,
@@ -143,21 +135,13 @@ def kmeans(
         # (ties would leave one of each pair unused by construction).
         return _pad_with_noise(x, k, generator, spherical)
     if backend == "auto":
-        usable = _faiss_importable() and (not x.is_cuda or faiss_gpu_available())
+        usable = faiss_available() and (not x.is_cuda or faiss_has_gpu(import_faiss("auto")))
         backend = "faiss" if usable else "torch"
     if backend == "faiss":
         return _faiss_kmeans(x, k, iters, seed, spherical)
     if backend == "torch":
         return _torch_kmeans(x, k, iters, generator, spherical)
     raise ValueError(f"unknown k-means backend {backend!r}; choices: auto, faiss, torch")
-
-
-def _faiss_importable() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _pad_with_noise(x: Tensor, k: int, generator: torch.Generator, spherical: bool) -> Tensor:
@@ -169,11 +153,10 @@ def _pad_with_noise(x: Tensor, k: int, generator: torch.Generator, spherical: bo
 
 
 def _faiss_kmeans(x: Tensor, k: int, iters: int, seed: int, spherical: bool) -> Tensor:
-    import faiss
-
+    faiss = import_faiss("kmeans")
     # gpu=1: one GPU (the current device's), not every GPU of the node, which gpu=True
     # would take from the other ranks' processes.
-    use_gpu = 1 if x.is_cuda and faiss_gpu_available() else False
+    use_gpu = 1 if x.is_cuda and faiss_has_gpu(faiss) else False
     clustering = faiss.Kmeans(
         x.shape[1],
         k,
