@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig
 from tokenizer.models import VQVAE, VQVAEOutput, build_model
 from tokenizer.nn import Decoder, Encoder, ResidualBlock
-from tokenizer.quantize import SearchResult
+from tokenizer.quantize import SearchResult, TorchSearch
 
 
 def _model(channels: list[int], ema: bool = False, codebook_size: int = 32) -> VQVAE:
@@ -96,16 +96,15 @@ def test_bf16_autocast_forward_keeps_distances_fp32() -> None:
     torch.manual_seed(0)
     model = _model([16, 32])
     seen: list[SearchResult] = []
-    search = model.quantizer.search
 
-    def spy(queries: torch.Tensor, codebook: torch.Tensor) -> SearchResult:
-        assert queries.dtype == torch.float32 and codebook.dtype == torch.float32
-        assert not torch.is_autocast_enabled("cpu")
-        result = search(queries, codebook)
-        seen.append(result)
-        return result
+    class Spy(TorchSearch):
+        def __call__(self, queries: torch.Tensor, codebook: torch.Tensor) -> SearchResult:
+            assert queries.dtype == torch.float32 and codebook.dtype == torch.float32
+            assert not torch.is_autocast_enabled("cpu")
+            seen.append(super().__call__(queries, codebook))
+            return seen[-1]
 
-    model.quantizer.search = spy
+    model.quantizer.search = Spy()
     x = _smooth_images(2, 16, seed=2)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = model(x)

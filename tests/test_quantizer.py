@@ -234,7 +234,9 @@ def test_state_dict_holds_only_codebook_state(ema: bool) -> None:
     q = VectorQuantizer(8, 3, ema=ema)
     q.collective = DoublingCollective(q)
     tracking = {"initialized", "usage_ema", "step", "last_used", "last_restart", "restart_count"}
-    expected = tracking | ({"embed", "cluster_size", "embed_sum"} if ema else {"embed"})
+    expected = tracking | (
+        {"embed", "cluster_size", "embed_sum"} if ema else {"embed", "embed_offset"}
+    )
     assert set(q.state_dict()) == expected
     fresh = VectorQuantizer(8, 3, ema=ema)
     fresh.load_state_dict(q.state_dict())

@@ -253,10 +253,12 @@ def test_search_from_config() -> None:
 
 
 @pytest.mark.parametrize("backend", EXACT)
-def test_exact_backends_report_no_diagnostics(backend: str) -> None:
+def test_exact_backends_report_and_keep_nothing(backend: str) -> None:
     search = build_search(backend)
     search(*_random(10, 4, 3, seed=0))
-    assert search.diagnostics() == {}
+    search.training_step()
+    assert search.diagnostics() == {} and search.state_dict() == {}
+    search.load_state_dict({"cells": torch.zeros(4)})  # resuming a faiss-ivf run: ignored
 
 
 def test_missing_faiss_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -322,14 +324,16 @@ def test_ivf_probing_every_cell_is_exact() -> None:
 
 
 @NEEDS_FAISS
-def test_ivf_rebuilds_every_n_calls_and_on_shape_change() -> None:
+def test_ivf_rebuilds_every_n_training_steps_and_on_shape_change() -> None:
     queries, codebook = _blobs(256, 512, 8, seed=3)
     search = FaissIVFSearch(rebuild_every=3, recall_samples=64)
     rebuilds = []
     for _ in range(7):
         search(queries, codebook)
+        search(queries, codebook)  # an evaluation forward: not a training step
+        search.training_step()
         rebuilds.append(search.diagnostics()["search/rebuilds"])
-    assert rebuilds == [1, 1, 1, 2, 2, 2, 3]  # calls 0, 3 and 6 rebuild
+    assert rebuilds == [1, 1, 1, 2, 2, 2, 3]  # steps 0, 3 and 6 rebuild
     search(queries, codebook[:500])  # K changed
     assert search.diagnostics()["search/rebuilds"] == 4
     search(queries[:, :4], codebook[:500, :4])  # d changed
@@ -337,7 +341,44 @@ def test_ivf_rebuilds_every_n_calls_and_on_shape_change() -> None:
     never = FaissIVFSearch(rebuild_every=0)
     for _ in range(5):
         never(queries, codebook)
+        never.training_step()
     assert never.diagnostics()["search/rebuilds"] == 1
+
+
+@NEEDS_FAISS
+def test_ivf_state_resumes_the_same_cells_and_schedule() -> None:
+    queries, codebook = _blobs(2000, 1024, 8, seed=8)
+    drift = 0.3 * torch.randn(codebook.shape, generator=torch.Generator().manual_seed(9))
+
+    def run(search: FaissIVFSearch, steps: range) -> list[torch.Tensor]:
+        out = []
+        for t in steps:
+            out.append(search(queries, codebook + t * drift).indices)
+            search.training_step()
+        return out
+
+    straight = FaissIVFSearch(nprobe=1, rebuild_every=4, recall_samples=100)
+    expected = run(straight, range(10))
+    first = FaissIVFSearch(nprobe=1, rebuild_every=4, recall_samples=100)
+    run(first, range(6))  # rebuilt at step 4: the cells come from a codebook of step 4
+    state = {k: v.clone() for k, v in first.state_dict().items()}
+    assert state["cells"].shape == (1024,) and int(state["steps_since_build"]) == 2
+    resumed = FaissIVFSearch(nprobe=1, rebuild_every=4, recall_samples=100)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict().keys() == state.keys()  # saved again before a search
+    got = run(resumed, range(6, 10))
+    # nprobe=1 misses often, so equal results mean equal cells, not luck; a fresh index
+    # clustered at step 6 differs.
+    for t, (a, b) in enumerate(zip(expected[6:], got, strict=True), start=6):
+        assert torch.equal(a, b), f"step {t}"
+    fresh = FaissIVFSearch(nprobe=1, rebuild_every=4, recall_samples=100)
+    assert not torch.equal(fresh(queries, codebook + 6 * drift).indices, expected[6])
+    assert resumed.diagnostics() == straight.diagnostics()  # rebuild count and recall
+    # An exact backend's checkpoint (no state) leaves the IVF to cluster afresh.
+    empty = FaissIVFSearch()
+    empty.load_state_dict({})
+    empty(queries, codebook)
+    assert empty.diagnostics()["search/rebuilds"] == 1
 
 
 @NEEDS_FAISS

@@ -1,5 +1,6 @@
 """End to end: real training processes, exact resume, export, and loading in a fresh process."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -18,13 +19,32 @@ def shards(tmp_path_factory) -> dict[str, str]:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, shards):
+# A gradient-trained codebook with k-means init and restarts, searched by faiss-ivf with
+# one probe (so its cells matter) and rebuilt every 7 steps: the checkpoint at step 20
+# falls mid-way between rebuilds (14 and 21).
+IVF_TRAINED = (
+    "quantizer.ema=false",
+    "quantizer.init=kmeans",
+    "quantizer.restart_unused_steps=4",
+    "quantizer.search=faiss-ivf",
+    "quantizer.ivf_nlist=8",
+    "quantizer.ivf_nprobe=1",
+    "quantizer.ivf_rebuild_every=7",
+)
+
+
+@pytest.mark.parametrize("recipe", [(), IVF_TRAINED], ids=["ema", "ivf-trained"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, shards, recipe):
+    if recipe and importlib.util.find_spec("faiss") is None:
+        pytest.skip("faiss is not installed")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run("launch/train.py", "--config", str(write_config(tmp_path, shards, straight)))
-    cfg_b = write_config(tmp_path, shards, interrupted)
+    run("launch/train.py", "--config", str(write_config(tmp_path, shards, straight, *recipe)))
+    cfg_b = write_config(tmp_path, shards, interrupted, *recipe)
     run("launch/train.py", "--config", str(cfg_b), "--stop-after", "20")
     assert latest_checkpoint(interrupted).name == "step_00000020"
     assert max(losses(interrupted)) == 20
+    search_state = latest_checkpoint(interrupted) / "search_rank0.safetensors"
+    assert search_state.is_file() == bool(recipe)  # the IVF's cells; exact search has none
     run("launch/train.py", "--config", str(cfg_b))
 
     a, b = losses(straight), losses(interrupted)

@@ -4,7 +4,8 @@ A training checkpoint is a folder `run_dir/checkpoints/step_XXXXXXXX/`, written 
 `.tmp` name and renamed once every rank has finished writing, so a killed run never
 leaves a checkpoint that looks complete but is not. It holds Accelerate's state (model,
 optimiser, per-rank RNG, registered objects such as the LR scheduler), `trainer.json`
-(the step) and one `data_rank{r}.json` per rank (that rank's stream position).
+(the step), one `data_rank{r}.json` per rank (that rank's stream position) and, for a
+search backend with state (faiss-ivf), one `search_rank{r}.safetensors` per rank.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ RELEASE_VERSION = 1
 class ResumedState:
     step: int
     data_state: dict[str, Any] | None  # this rank's stream position, None if absent
+    search_state: dict[str, torch.Tensor]  # this rank's search backend state, {} if absent
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -73,6 +75,7 @@ def save_training_state(
     step: int,
     data_state: dict[str, Any],
     keep_last: int,
+    search_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Every rank calls this at the same step; returns the final checkpoint path."""
     root = checkpoint_root(run_dir)
@@ -93,6 +96,8 @@ def save_training_state(
             save_file(tensors, str(tmp / RELEASE_WEIGHTS))
     rank = accelerator.process_index
     _write_json(tmp / f"data_rank{rank}.json", data_state)
+    if search_state:
+        save_file(search_state, str(tmp / f"search_rank{rank}.safetensors"))
     if accelerator.is_main_process:
         _write_json(tmp / "trainer.json", {"step": step, "world_size": accelerator.num_processes})
     accelerator.wait_for_everyone()
@@ -114,7 +119,11 @@ def load_training_state(accelerator, path: Path) -> ResumedState:
     accelerator.load_state(str(path))
     data_file = path / f"data_rank{accelerator.process_index}.json"
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return ResumedState(step=checkpoint_step(path), data_state=data_state)
+    search_file = path / f"search_rank{accelerator.process_index}.safetensors"
+    search_state = load_file(str(search_file)) if search_file.is_file() else {}
+    return ResumedState(
+        step=checkpoint_step(path), data_state=data_state, search_state=search_state
+    )
 
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -65,8 +65,9 @@ class QuantizerConfig:
     search: str = "torch"
     # Query rows per search chunk; 0 sizes chunks so a distance tile stays near 64M floats.
     search_chunk: int = 0
-    # faiss-ivf: inverted lists (0: about 4 * sqrt(K)), lists probed per query, steps
-    # between index rebuilds as the codebook moves, and queries sampled to measure recall.
+    # faiss-ivf: inverted lists (0: about 4 * sqrt(K)), lists probed per query, training
+    # forwards between index rebuilds as the codebook moves (evaluation does not count),
+    # and queries sampled to measure recall.
     ivf_nlist: int = 0
     ivf_nprobe: int = 8
     ivf_rebuild_every: int = 100

@@ -76,6 +76,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     if resume_from is not None:
         resumed = load_training_state(accelerator, resume_from)
         step, data_state = resumed.step, resumed.data_state
+        core.quantizer.search.load_state_dict(resumed.search_state)
         if data_state is None:
             logger.warning(
                 "%s has no data position for this rank: the stream restarts", resume_from
@@ -110,11 +111,21 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     def checkpoint() -> Path:
         log.flush()
         return save_training_state(
-            accelerator, model, run_dir, step, stream.state_dict(), cfg.checkpoint.keep_last
+            accelerator,
+            model,
+            run_dir,
+            step,
+            stream.state_dict(),
+            cfg.checkpoint.keep_last,
+            search_state=core.quantizer.search.state_dict(),
         )
 
     model.train()
-    batches = iter(loader)
+    # Seeding the loader's workers draws from torch's RNG: kept out of the training
+    # stream, so that a resumed run makes the same draws (restarts, k-means) as an
+    # uninterrupted one from the restored RNG state on.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(loader)
     last_saved: Path | None = None
     while step < stop_at:
         for _ in range(cfg.train.grad_accum_steps):
@@ -143,7 +154,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             extra["codebook/window_usage"] = stats.usage
             extra["codebook/restarts"] = float(stats.restarts)
             # Approximate search reports its recall (rank 0's index; every rank builds one).
-            extra.update(getattr(core.quantizer.search, "diagnostics", dict)())
+            extra.update(core.quantizer.search.diagnostics())
             extra["data/bad_samples"] = accelerator.reduce(bad, reduction="sum").item()
             log.metrics(step, extra)
         if preview is not None and cfg.logging.image_every and step % cfg.logging.image_every == 0:

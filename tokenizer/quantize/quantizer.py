@@ -70,6 +70,7 @@ class VectorQuantizer(nn.Module):
     """
 
     embed: Tensor  # (K, d): an nn.Parameter, or an fp32 buffer under EMA
+    embed_offset: Tensor  # (K, d) fp32 buffer added to a gradient-trained embed (see codebook)
 
     def __init__(
         self,
@@ -133,6 +134,11 @@ class VectorQuantizer(nn.Module):
             # The paper's reference code: uniform(-1/K, 1/K).
             bound = 1.0 / codebook_size
             self.embed = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-bound, bound))
+        if not ema:
+            # Initialisation and restarts move a trained code by changing its offset, not
+            # the parameter: under DeepSpeed the optimiser's fp32 master copy (partitioned
+            # under ZeRO-3) would overwrite a write into the parameter at the next step.
+            self.register_buffer("embed_offset", torch.zeros(codebook_size, dim))
         # Set by the first training step: data/k-means init and the usage baseline happen
         # there, once, and a resumed run must not redo them.
         self.register_buffer("initialized", torch.tensor(False))
@@ -159,11 +165,11 @@ class VectorQuantizer(nn.Module):
     @property
     def codebook(self) -> Tensor:
         """The codes the search compares against: (K, d) lookup-space vectors."""
-        if self.l2_normalize and not self.ema:
-            # A gradient-trained codebook is free; its codes are its directions. (The EMA
-            # codebook is kept unit-norm by its update.)
-            return l2_normalize_rows(self.embed)
-        return self.embed
+        if self.ema:
+            return self.embed  # kept unit-norm by its update under l2_normalize
+        codes = self.embed.float() + self.embed_offset  # (K, d); gradients reach embed
+        # A gradient-trained codebook is free; under l2_normalize its codes are its directions.
+        return l2_normalize_rows(codes) if self.l2_normalize else codes
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         b, _, h, w = z.shape
@@ -264,6 +270,7 @@ class VectorQuantizer(nn.Module):
         # x (N, d) fp32, indices (N,), counts (K,). Counts are cloned because a real
         # collective reduces in place and `counts` is returned as this process's own.
         self.step += 1
+        self.search.training_step()
         total_counts = self.collective.all_reduce_sum(counts.clone())  # (K,)
         if self.ema:
             total_sums = self.collective.all_reduce_sum(code_sums(x, indices, self.codebook_size))
@@ -319,11 +326,14 @@ class VectorQuantizer(nn.Module):
         """(Re)start codes `which` (M,) at vectors (M, d), with fresh statistics."""
         if self.l2_normalize:
             vectors = l2_normalize_rows(vectors)
-        self.embed.data[which] = vectors.to(self.embed.dtype)
         if self.ema:
+            self.embed[which] = vectors
             # One pseudo-observation of the new value, as at construction.
             self.cluster_size[which] = 1.0
             self.embed_sum[which] = vectors
+        else:
+            # embed + offset = vectors; the optimiser goes on moving embed from there.
+            self.embed_offset[which] = vectors - self.embed.detach()[which].float()
         self.usage_ema[which] = self._grace_usage()
         self.last_restart[which] = self.step
 

@@ -49,6 +49,34 @@ class NearestNeighbourSearch(Protocol):
         """Scalars worth logging (e.g. approximate search recall); {} for exact backends."""
         ...
 
+    def training_step(self) -> None:
+        """Told once per training forward (the codebook moves); evaluation does not count."""
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a resumed run needs to search as the uninterrupted one would; {} if nothing."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+class _Stateless:
+    """Exact backends: nothing to log, nothing that changes with training, nothing to save."""
+
+    def diagnostics(self) -> dict[str, float]:
+        return {}
+
+    def training_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        # A run may resume with another backend (e.g. exact after faiss-ivf): the codes
+        # it finds do not depend on a previous backend's state.
+        pass
+
 
 def import_faiss(backend: str) -> ModuleType:
     """The faiss module, or an ImportError that says what to install."""
@@ -142,7 +170,7 @@ def _squared_distances(x: Tensor, codebook: Tensor, indices: Tensor) -> Tensor:
     return (x - codebook[indices]).pow(2).sum(dim=1)
 
 
-class TorchSearch:
+class TorchSearch(_Stateless):
     """Exact search in plain torch, chunked over query rows.
 
     Only one (chunk_rows, K) tile of distances exists at a time, never the full (N, K)
@@ -158,9 +186,6 @@ class TorchSearch:
         if self.chunk_size > 0:
             return self.chunk_size
         return max(1, _TILE_FLOATS // max(1, codebook_size))
-
-    def diagnostics(self) -> dict[str, float]:
-        return {}
 
     @torch.no_grad()
     def __call__(self, queries: Tensor, codebook: Tensor) -> SearchResult:
@@ -194,7 +219,7 @@ class TorchSearch:
         return SearchResult(indices=indices, distances=distances)
 
 
-class FaissSearch:
+class FaissSearch(_Stateless):
     """Exact brute-force search in faiss.
 
     CPU tensors: `faiss.knn` on numpy views of the tensors (no copy of fp32 contiguous
@@ -214,9 +239,6 @@ class FaissSearch:
     def __init__(self, chunk_size: int = 0) -> None:
         self._faiss = import_faiss("faiss")
         self._torch = TorchSearch(chunk_size)
-
-    def diagnostics(self) -> dict[str, float]:
-        return {}
 
     @torch.no_grad()
     def __call__(self, queries: Tensor, codebook: Tensor) -> SearchResult:
@@ -242,14 +264,20 @@ class FaissIVFSearch:
 
     The codes are split into `nlist` cells by k-means on the codebook itself (0: about
     4 sqrt(K) cells); a query compares itself with the codes of its `nprobe` nearest cells
-    only. The k-means runs again every `rebuild_every` calls (0: never) as the codebook
-    moves, and whenever K, d or the device changes. Between rebuilds every code stays in
-    its cell but the index is refilled with the current vectors on each call (on CPU a
-    plain copy: the cell assignment is cached), so the only staleness is in the cells.
+    only. The k-means runs again at the first search after every `rebuild_every` training
+    steps (0: never; evaluation forwards do not count) as the codebook moves, and whenever
+    K, d or the device changes. Between rebuilds every code stays in its cell but the index
+    is refilled with the current vectors on each call (on CPU a plain copy: the cell
+    assignment is cached), so the only staleness is in the cells.
 
     At each rebuild, recall@1 against exact search is measured on `recall_samples`
     random queries of that call; `diagnostics()` reports it with the rebuild count.
     Returned distances are recomputed directly from the current codebook.
+
+    `state_dict()` holds the cells (centroids and each code's cell), the steps since the
+    last rebuild and the recall sampler, so a resumed run probes the same cells as the
+    uninterrupted one instead of clustering a later codebook. (A GPU index is clustered
+    afresh on resume: its cells are not saved.)
 
     CUDA tensors use faiss's GpuIndexIVFFlat when faiss has GPU support; otherwise the
     search is exact on the GPU (see FaissSearch), and no recall is reported.
@@ -282,9 +310,10 @@ class FaissIVFSearch:
         self._index: Any = None
         self._built_for: tuple[int, int, torch.device] | None = None
         self._cells: Any = None  # (K,) int64 numpy: each code's cell, CPU index only
-        self._calls_since_build = 0
+        self._steps_since_build = 0
         self._rebuilds = 0
         self._recall: float | None = None
+        self._restored: dict[str, Tensor] | None = None  # cells from a checkpoint, unused yet
 
     def lists_for(self, codebook_size: int) -> int:
         nlist = self.nlist or round(4 * math.sqrt(codebook_size))
@@ -296,6 +325,36 @@ class FaissIVFSearch:
             out["search/recall"] = self._recall
         return out
 
+    def training_step(self) -> None:
+        self._steps_since_build += 1
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {
+            "steps_since_build": torch.tensor(self._steps_since_build),
+            "rebuilds": torch.tensor(self._rebuilds),
+            "recall": torch.tensor(math.nan if self._recall is None else self._recall),
+            "generator": self._generator.get_state(),
+        }
+        if self._restored is not None:  # saved again before the first search
+            state.update({k: self._restored[k] for k in ("centroids", "cells")})
+        elif self._cells is not None:  # a CPU index (a GPU one reassigns cells itself)
+            quantizer = self._index.quantizer
+            centroids = quantizer.reconstruct_n(0, quantizer.ntotal)  # (nlist, d)
+            state["centroids"] = torch.from_numpy(centroids.copy())
+            state["cells"] = torch.from_numpy(self._cells.copy())  # (K,)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not state:  # written by an exact backend: cluster afresh
+            return
+        self._steps_since_build = int(state["steps_since_build"])
+        self._rebuilds = int(state["rebuilds"])
+        recall = float(state["recall"])
+        self._recall = None if math.isnan(recall) else recall
+        self._generator.set_state(state["generator"])
+        self._index, self._built_for, self._cells = None, None, None
+        self._restored = state if "centroids" in state else None
+
     @torch.no_grad()
     def __call__(self, queries: Tensor, codebook: Tensor) -> SearchResult:
         _check_inputs(queries, codebook)
@@ -303,48 +362,55 @@ class FaissIVFSearch:
         if x.is_cuda and not faiss_has_gpu(self._faiss):
             return self._exact(x, e)
         key = (e.shape[0], e.shape[1], e.device)
-        rebuild = (
-            self._index is None
-            or key != self._built_for
-            or (self.rebuild_every > 0 and self._calls_since_build >= self.rebuild_every)
-        )
         with (
             torch.autocast(device_type=x.device.type, enabled=False),
             faiss_blas_path(self._faiss, x.shape[1]),  # k-means and probing too
         ):
-            if rebuild:
+            rebuilt = False
+            if self._restored is not None:
+                self._restore(e)
+            if (
+                self._index is None
+                or key != self._built_for
+                or (self.rebuild_every > 0 and self._steps_since_build >= self.rebuild_every)
+            ):
                 self._build(e)
-                self._built_for, self._calls_since_build = key, 0
+                self._steps_since_build = 0
                 self._rebuilds += 1
+                rebuilt = True
             else:
                 self._refill(e)
-            self._calls_since_build += 1
+            self._built_for = key
             indices = self._search(x)  # (N,)
             # Probed cells can all be empty (k-means may leave a cell without codes).
             missing = indices < 0  # (N,)
             if bool(missing.any()):
                 indices[missing] = self._exact(x[missing], e).indices
             distances = _squared_distances(x, e, indices)  # (N,)
-            if rebuild and self.recall_samples > 0 and x.shape[0] > 0:
+            if rebuilt and self.recall_samples > 0 and x.shape[0] > 0:
                 self._recall = self._measure_recall(x, e, distances)
         return SearchResult(indices=indices, distances=distances)
 
-    def _build(self, e: Tensor) -> None:
+    def _new_index(self, d: int, nlist: int, device: torch.device) -> Any:
         faiss = self._faiss
-        k, d = e.shape
-        if e.is_cuda:
+        if device.type == "cuda":
             config = faiss.GpuIndexIVFFlatConfig()
-            config.device = e.device.index
+            config.device = device.index
             res = _shared_gpu_resources(faiss)
-            index = faiss.GpuIndexIVFFlat(res, d, self.lists_for(k), faiss.METRIC_L2, config)
+            index = faiss.GpuIndexIVFFlat(res, d, nlist, faiss.METRIC_L2, config)
         else:
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, self.lists_for(k), faiss.METRIC_L2)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist, faiss.METRIC_L2)
+        index.nprobe = self.nprobe
+        return index
+
+    def _build(self, e: Tensor) -> None:
+        k, d = e.shape
+        index = self._new_index(d, self.lists_for(k), e.device)
         # The k-means clusters the codebook itself: a cell may hold a single code (faiss
         # warns under 39), and 64 codes per cell are a fine sample for placing the
         # centroids (4x faster than faiss's 256 at K = 1M, d = 8).
         index.cp.min_points_per_centroid = 1
         index.cp.max_points_per_centroid = 64
-        index.nprobe = self.nprobe
         self._index = index
         if e.is_cuda:
             with torch.cuda.device(e.device):
@@ -353,6 +419,20 @@ class FaissIVFSearch:
             e_np = e.numpy()  # (K, d)
             index.train(e_np)
             self._cells = index.quantizer.assign(e_np, 1).reshape(-1)  # (K,)
+        self._refill(e)
+
+    def _restore(self, e: Tensor) -> None:
+        """Rebuild the checkpointed CPU index (same centroids, same cells) without k-means."""
+        state, self._restored = self._restored, None
+        centroids = state["centroids"].float().contiguous()  # (nlist, d)
+        cells = state["cells"].to(torch.int64)  # (K,)
+        if e.is_cuda or centroids.shape[1] != e.shape[1] or len(cells) != len(e):
+            return  # another device or codebook shape: the caller clusters afresh
+        index = self._new_index(e.shape[1], centroids.shape[0], e.device)
+        index.quantizer.add(centroids.numpy())
+        index.is_trained = True
+        self._index, self._cells = index, cells.numpy().copy()
+        self._built_for = (e.shape[0], e.shape[1], e.device)
         self._refill(e)
 
     def _refill(self, e: Tensor) -> None:
