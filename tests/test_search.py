@@ -175,10 +175,11 @@ def test_distance_tiles_are_bounded_by_chunk(monkeypatch: pytest.MonkeyPatch) ->
     assert all(t[1] == 20 for t in tiles)
 
 
-def test_auto_chunk_size_targets_64m_floats() -> None:
+def test_auto_chunk_size_targets_4m_floats_on_cpu_64m_on_gpu() -> None:
     search = TorchSearch()
-    assert search.rows_per_chunk(1024) == 64 * 1024 * 1024 // 1024
-    assert search.rows_per_chunk(2**26) == 1
+    assert search.rows_per_chunk(1024) == 4 * 1024 * 1024 // 1024
+    assert search.rows_per_chunk(1024, "cuda:1") == 64 * 1024 * 1024 // 1024
+    assert search.rows_per_chunk(2**26, "cuda") == 1
     assert search.rows_per_chunk(2**28) == 1  # never zero rows
     assert TorchSearch(chunk_size=5).rows_per_chunk(2**28) == 5
 

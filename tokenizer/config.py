@@ -63,7 +63,8 @@ class QuantizerConfig:
     # Nearest-neighbour backend: "torch" (exact, chunked), "faiss" (exact; GPU when the
     # faiss build has it), "faiss-ivf" (approximate, for huge K) or "auto".
     search: str = "torch"
-    # Query rows per search chunk; 0 sizes chunks so a distance tile stays near 64M floats.
+    # Query rows per search chunk; 0 sizes chunks so a distance tile stays near 4M floats
+    # on CPU (it stays in cache) and 64M on a GPU.
     search_chunk: int = 0
     # faiss-ivf: inverted lists (0: about 4 * sqrt(K)), lists probed per query, training
     # forwards between index rebuilds as the codebook moves (evaluation does not count),
