@@ -1,4 +1,4 @@
-"""Held-out evaluation: PSNR and codebook usage over a finite stream of images."""
+"""Held-out evaluation: PSNR, SSIM and codebook usage over a finite stream of images."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenizer.data import iter_eval_batches
-from tokenizer.metrics import psnr_per_image
+from tokenizer.metrics import psnr_per_image, ssim_per_image
 from tokenizer.models import VQVAE
 from tokenizer.quantize.codebook import perplexity, usage
 
@@ -16,6 +16,7 @@ from tokenizer.quantize.codebook import perplexity, usage
 @dataclass
 class EvalResult:
     psnr: float  # dB, mean over images
+    ssim: float  # mean over images (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5)
     usage: float  # fraction of codes used on these images
     perplexity: float
     num_images: int
@@ -38,18 +39,23 @@ def evaluate(
     model.eval()
     counts = torch.zeros(model.codebook_size, device=device)  # (K,)
     psnr_sum = torch.zeros((), device=device)
+    ssim_sum = torch.zeros((), device=device)
     num_images = torch.zeros((), device=device)
     for batch in images:
         batch = batch.to(device)
         out = model(batch)
         psnr_sum += psnr_per_image(batch, out.reconstruction).sum()
+        if batch.shape[0]:  # lockstep's empty batches have no pixels to slide a window over
+            ssim_sum += ssim_per_image(batch, out.reconstruction).sum()
         num_images += batch.shape[0]
         counts += out.quantizer.counts  # (K,) this batch's, computed by the quantizer
     model.train(was_training)
-    counts, psnr_sum, num_images = reduce_sum(counts), reduce_sum(psnr_sum), reduce_sum(num_images)
+    counts, num_images = reduce_sum(counts), reduce_sum(num_images)
+    psnr_sum, ssim_sum = reduce_sum(psnr_sum), reduce_sum(ssim_sum)
     n = int(num_images.item())
     return EvalResult(
         psnr=(psnr_sum / max(n, 1)).item(),
+        ssim=(ssim_sum / max(n, 1)).item(),
         usage=usage(counts).item(),
         perplexity=perplexity(counts).item(),
         num_images=n,

@@ -201,8 +201,14 @@ def _evaluate(core: VQVAE, cfg: Config, shards: list[str], accelerator: Accelera
         reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
         max_batches=cfg.logging.eval_batches,
     )
-    logger.info("eval: psnr %.2f dB, usage %.1f%%, perplexity %.1f on %d held-out images",
-                result.psnr, 100 * result.usage, result.perplexity, result.num_images)  # fmt: skip
+    logger.info(
+        "eval: psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.1f on %d held-out images",
+        result.psnr,
+        result.ssim,
+        100 * result.usage,
+        result.perplexity,
+        result.num_images,
+    )
     return result
 
 

@@ -1,4 +1,4 @@
-"""Evaluate a released tokenizer on held-out shards: PSNR, codebook usage, perplexity.
+"""Evaluate a released tokenizer on held-out shards: PSNR, SSIM, codebook usage, perplexity.
 
     python tools/eval_tokenizer.py --tokenizer runs/demo/release \
         --shards 'data/demo/eval/{000000..000001}.tar' --grid runs/demo/reconstructions.png
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate_shards(tok.model, shards, resolution, args.batch_size, args.device)
     print(
         f"held-out images: {result.num_images}  PSNR: {result.psnr:.2f} dB  "
+        f"SSIM: {result.ssim:.4f}  "
         f"codebook usage: {100 * result.usage:.1f}% of {tok.codebook_size} codes  "
         f"perplexity: {result.perplexity:.1f}"
     )
