@@ -22,26 +22,36 @@ tokenizer.evaluate (evaluate_shards, as tools/eval_tokenizer.py runs it), on two
                    model never saw, from the distribution it was trained on
                    (runs/bench_codebook/unseen).
 
+To tell a codebook that misses codes from an eval set that cannot reach them, it also
+prints what two photographs reach: the held-out pair against every pair of training
+photographs (their unseen crops), all with the same number of crops per photograph. A
+healthy codebook serves all 15 training photographs; no two of them use every code.
+
 Everything is built with tokenizer.data's demo builder and reused when present.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs as a script from the repository root without installing the package.
 sys.path.insert(0, str(ROOT))
 
 from tokenizer.api import Tokenizer  # noqa: E402
-from tokenizer.data import build_demo_set  # noqa: E402
+from tokenizer.data import build_demo_set, iter_eval_batches  # noqa: E402
 from tokenizer.evaluate import EvalResult, evaluate_shards  # noqa: E402
 from tokenizer.export import export_release  # noqa: E402
 
@@ -64,6 +74,17 @@ RECIPES = {
 
 
 @dataclass
+class PairUsage:
+    """Codebook usage reached by two photographs, each with the same number of crops."""
+
+    crops_per_photo: int
+    held_out: float  # the held-out pair (chelsea + flower)
+    train_median: float  # over every pair of training photographs (their unseen crops)
+    train_best: float
+    best_pair: tuple[str, str]
+
+
+@dataclass
 class Outcome:
     name: str
     train_s: float
@@ -71,6 +92,7 @@ class Outcome:
     unseen: EvalResult  # new crops of the training photographs
     train_usage: float  # codes chosen in the last `window` training steps
     restarts: int
+    pairs: PairUsage
 
 
 def restart_overrides(vectors_per_step: int, codebook_size: int) -> list[str]:
@@ -107,6 +129,47 @@ def train(name: str, overrides: list[str], run_dir: Path) -> float:
     return elapsed
 
 
+def _codes_by_photo(tok: Tokenizer, shards: list[str], resolution: int) -> dict[str, list]:
+    """Per photograph (the demo keys end in _<photo>), the code grid of each crop."""
+    grids: dict[str, list] = defaultdict(list)
+    for batch in iter_eval_batches(shards, resolution, batch_size=64):
+        codes = tok.encode((batch.images + 1.0) / 2.0)  # (B, h, w)
+        for key, grid in zip(batch.keys, codes, strict=True):
+            grids[key.split("_", 1)[1]].append(grid)
+    return grids
+
+
+def pair_usage(tok: Tokenizer, held_out: list[str], unseen: list[str]) -> PairUsage:
+    """How much of the codebook two photographs can reach at all: the held-out pair
+    against every pair of training photographs, each photograph with as many crops as the
+    sparsest one has in the unseen set (crop counts differ, and usage grows with them)."""
+    resolution = tok.config.data.resolution
+    held = _codes_by_photo(tok, held_out, resolution)
+    train = _codes_by_photo(tok, unseen, resolution)
+    n = min(len(v) for v in [*held.values(), *train.values()])
+
+    def used(grids: list) -> set[int]:
+        return set(torch.stack(grids[:n]).flatten().tolist())
+
+    def pair(a: set[int], b: set[int]) -> float:
+        return len(a | b) / tok.codebook_size
+
+    held_sets = [used(g) for g in held.values()]
+    train_sets = {name: used(g) for name, g in train.items()}
+    scores = {
+        (a, b): pair(train_sets[a], train_sets[b])
+        for a, b in itertools.combinations(sorted(train_sets), 2)
+    }
+    best = max(scores, key=scores.get)
+    return PairUsage(
+        crops_per_photo=n,
+        held_out=pair(*held_sets),
+        train_median=statistics.median(scores.values()),
+        train_best=scores[best],
+        best_pair=best,
+    )
+
+
 def measure(
     name: str, run_dir: Path, held_out: list[str], unseen: list[str], window: int, seconds: float
 ) -> Outcome:
@@ -121,6 +184,7 @@ def measure(
         unseen=evaluate_shards(tok.model, unseen, resolution, batch_size=64),
         train_usage=stats.usage,
         restarts=stats.restarts,
+        pairs=pair_usage(tok, held_out, unseen),
     )
 
 
@@ -209,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * o.train_usage:7.1f}% {o.restarts:9d}"
         )
     print(f"(training usage: codes chosen in the last {args.window} training steps)")
+    print("\nwhat two photographs reach, at equal crops per photograph:")
+    for o in outcomes:
+        p = o.pairs
+        print(
+            f"  {o.name:8} {p.crops_per_photo} crops each: held-out pair "
+            f"{100 * p.held_out:.1f}%; pairs of training photos (unseen crops): "
+            f"median {100 * p.train_median:.1f}%, best {100 * p.train_best:.1f}% "
+            f"({' + '.join(p.best_pair)})"
+        )
     healthy = next((o for o in outcomes if o.name == "healthy"), None)
     if healthy is not None:
         verdict = "met" if healthy.held_out.usage >= 0.95 else "NOT met"
