@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tokenizer.config import QuantizerConfig
+from tokenizer.quantize.ivf import FaissIVFSearch
 from tokenizer.quantize.search import (
-    FaissIVFSearch,
     FaissSearch,
     SearchResult,
     TorchSearch,

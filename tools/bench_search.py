@@ -42,8 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenizer.quantize.ivf import FaissIVFSearch  # noqa: E402
 from tokenizer.quantize.search import (  # noqa: E402
-    FaissIVFSearch,
     build_search,
     faiss_available,
     faiss_blas_path,
