@@ -7,7 +7,6 @@ import importlib.util
 import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from process_helpers import kill_tree
 from tokenize_helpers import (
     Sources,
     expected_codes,
@@ -147,7 +147,7 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(setup, capsys):
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill reaches every rank and worker
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     try:
@@ -156,8 +156,7 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(setup, capsys):
             assert time.monotonic() < deadline, "no shard completed in 120 s"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_tree(proc)  # the launcher, both ranks and their loader workers at once
     done = len(list((out / "records").glob("*.json")))
     assert 0 < done < NUM_SHARDS, f"killed with {done} of {NUM_SHARDS} shards done"
     assert not (out / "manifest.json").exists()

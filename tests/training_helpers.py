@@ -106,6 +106,7 @@ def accelerate(config_file: str, *args: str, timeout: int = 300, extra_launch: t
     run(*launch, *extra_launch, *args, timeout=timeout)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """step -> a logged metric (the loss by default), the last line of a step winning."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+    return {row["step"]: row[key] for row in map(json.loads, lines)}
