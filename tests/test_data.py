@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ShardSet, png_bytes, write_test_shards
@@ -272,7 +273,6 @@ def test_make_shards_sample_images(tmp_path: Path, capsys):
 
 
 def test_make_shards_from_folder_round_trips_bytes_and_captions(tmp_path: Path, capsys):
-    import numpy as np
 
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
@@ -288,3 +288,46 @@ def test_make_shards_from_folder_round_trips_bytes_and_captions(tmp_path: Path, 
     assert "wrote 2 samples in 1 shards" in capsys.readouterr().out
     samples = plain_tar_samples(str(out / "000000.tar"))
     assert samples == {"cat": {"png": first, "txt": b"a cat"}, "sub/dog_v2": {"png": second}}
+
+
+def test_demo_quadrants_tile_the_photo_exactly():
+    from tokenizer.data.demo import Photo, quadrants
+
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 10, 3), dtype=np.uint8)
+    q = quadrants(Photo("p", "test", pixels))
+    top = np.concatenate([q["top-left"].pixels, q["top-right"].pixels], axis=1)
+    bottom = np.concatenate([q["bottom-left"].pixels, q["bottom-right"].pixels], axis=1)
+    assert np.array_equal(np.concatenate([top, bottom], axis=0), pixels)
+    assert q["bottom-right"].origin == (5, 3) and q["bottom-right"].size == (10, 7)
+
+
+def test_demo_regions_split_holds_out_disjoint_quadrants(tmp_path: Path):
+    from tokenizer.data import build_demo_set
+
+    demo = build_demo_set(tmp_path, resolution=32, train_crops=512, eval_crops=256, split="regions")
+    metas = {
+        part: [json.loads(s["json"]) for p in shards for s in plain_tar_samples(p).values()]
+        for part, shards in (("train", demo.train_shards), ("eval", demo.eval_shards))
+    }
+    assert {m["region"] for m in metas["train"]} == {"top-left", "bottom-right"}
+    assert {m["region"] for m in metas["eval"]} == {"top-right", "bottom-left"}
+    sources = {part: {m["source"] for m in ms} for part, ms in metas.items()}
+    # The same photographs on both sides (only their regions differ), none held out whole.
+    assert sources["train"] == sources["eval"] and len(sources["train"]) >= 10
+    assert not sources["train"] & {"chelsea", "flower"}
+    # Every crop lies inside its own quadrant: no eval crop shares a pixel with a training
+    # crop (0.1 px of slack for the rounding of the recorded boxes).
+    for m in metas["train"] + metas["eval"]:
+        width, height = m["photo_size"]
+        cx, cy = width // 2, height // 2
+        left, top, right, bottom = m["box"]
+        if m["region"].endswith("left"):
+            assert right <= cx + 0.1, m
+        else:
+            assert left >= cx - 0.1, m
+        if m["region"].startswith("top"):
+            assert bottom <= cy + 0.1, m
+        else:
+            assert top >= cy - 0.1, m
+    with pytest.raises(ValueError, match="unknown demo split 'pixels'"):
+        build_demo_set(tmp_path / "x", split="pixels")

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer.data import brace_pattern, build_demo_set, folder_samples, write_shards  # noqa: E402
+from tokenizer.data.demo import SPLITS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--train-crops", type=int, default=4096)
     demo.add_argument("--eval-crops", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="photos",
+        help="hold out whole photographs (chelsea, flower) or two quadrants of every other one",
+    )
     demo.add_argument("--force", action="store_true", help="rebuild even if complete")
     return parser.parse_args(argv)
 
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         samples_per_shard=args.samples_per_shard,
         force=args.force,
+        split=args.split,
     )
     status = "built" if demo.built else "already complete, reused"
     print(f"demo set {status}: {len(demo.train_shards)} train, {len(demo.eval_shards)} eval shards")

@@ -1,8 +1,15 @@
 """The embedded demo data set: crops of the photographs bundled with scikit-image and
 scikit-learn, so the demo trains on real images without a download.
 
-Whole photographs are held out for evaluation and never cropped for training, so eval
-numbers measure generalisation to unseen images, not memorisation of seen pixels.
+Two ways to hold images out, neither of which lets an eval crop share a pixel with a
+training crop:
+- split="photos" (the demo): whole photographs (chelsea, flower) are held out, so eval
+  numbers measure generalisation to scenes never seen;
+- split="regions": every other photograph is cut into quadrants; crops of the top-left
+  and bottom-right quadrants train, crops of the other two are held out. Eval images
+  then come from the training distribution (as a validation split of a large corpus
+  does), which is what codebook usage on held-out images is meant to measure: on two
+  unseen scenes a codebook that serves fifteen others cannot use every code.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ SKIMAGE_PHOTOS = (
 )
 SKLEARN_PHOTOS = ("china", "flower")
 HELD_OUT = ("chelsea", "flower")
+SPLITS = ("photos", "regions")
 MANIFEST = "manifest.json"
 _FORMAT_VERSION = 1
 _PYRAMID_LEVELS = 6
@@ -54,6 +62,58 @@ class Photo:
     name: str
     library: str  # "scikit-image" or "scikit-learn"
     pixels: np.ndarray  # (H, W, 3) uint8
+    # Where `pixels` lie in the original photograph (a quadrant's corner), and its size.
+    origin: tuple[int, int] = (0, 0)  # left, top
+    source_size: tuple[int, int] | None = None  # width, height; None: pixels are the whole
+    region: str = "whole"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The original photograph's width and height."""
+        return self.source_size or (self.pixels.shape[1], self.pixels.shape[0])
+
+
+_TRAIN_QUADRANTS = ("top-left", "bottom-right")
+_HELD_QUADRANTS = ("top-right", "bottom-left")
+
+
+def quadrants(photo: Photo) -> dict[str, Photo]:
+    """The photo's four quadrants as photos of their own, keyed by position."""
+    h, w = photo.pixels.shape[:2]
+    cy, cx = h // 2, w // 2
+    boxes = {
+        "top-left": (0, 0, cx, cy),
+        "top-right": (cx, 0, w, cy),
+        "bottom-left": (0, cy, cx, h),
+        "bottom-right": (cx, cy, w, h),
+    }
+    return {
+        region: Photo(
+            name=photo.name,
+            library=photo.library,
+            pixels=np.ascontiguousarray(photo.pixels[top:bottom, left:right]),
+            origin=(left, top),
+            source_size=photo.size,
+            region=region,
+        )
+        for region, (left, top, right, bottom) in boxes.items()
+    }
+
+
+def split_photos(photos: list[Photo], split: str) -> tuple[list[Photo], list[Photo]]:
+    """(train, held out) pieces of the photographs for a split (see the module doc)."""
+    if split == "photos":
+        return (
+            [p for p in photos if p.name not in HELD_OUT],
+            [p for p in photos if p.name in HELD_OUT],
+        )
+    if split == "regions":
+        parts = [quadrants(p) for p in photos if p.name not in HELD_OUT]
+        return (
+            [q[r] for q in parts for r in _TRAIN_QUADRANTS],
+            [q[r] for q in parts for r in _HELD_QUADRANTS],
+        )
+    raise ValueError(f"unknown demo split {split!r}; choices: {', '.join(SPLITS)}")
 
 
 def _as_rgb(array: np.ndarray) -> np.ndarray:
@@ -119,13 +179,23 @@ class _Pyramid:
         tile = level.crop((left, top, left + resolution, top + resolution))
         buffer = io.BytesIO()
         tile.save(buffer, format="PNG")
-        box = [round(v / scale, 1) for v in (left, top, left + resolution, top + resolution)]
+        # Per axis: rounding the level's size makes its x and y scales differ slightly.
+        sx = level.width / self.photo.pixels.shape[1]
+        sy = level.height / self.photo.pixels.shape[0]
+        ox, oy = self.photo.origin
+        box = [
+            round(ox + left / sx, 1),
+            round(oy + top / sy, 1),
+            round(ox + (left + resolution) / sx, 1),
+            round(oy + (top + resolution) / sy, 1),
+        ]
         meta = {
             "source": self.photo.name,
             "library": self.photo.library,
+            "region": self.photo.region,
             "scale": round(scale, 4),
             "box": box,  # in the original photograph's pixels: left, top, right, bottom
-            "photo_size": [self.photo.pixels.shape[1], self.photo.pixels.shape[0]],
+            "photo_size": list(self.photo.size),
         }
         return buffer.getvalue(), meta
 
@@ -158,8 +228,10 @@ class DemoSet:
     built: bool  # False when an existing complete set was reused
 
 
-def _params(resolution: int, train_crops: int, eval_crops: int, seed: int, per_shard: int) -> dict:
-    return {
+def _params(
+    resolution: int, train_crops: int, eval_crops: int, seed: int, per_shard: int, split: str
+) -> dict:
+    params = {
         "version": _FORMAT_VERSION,
         "resolution": resolution,
         "train_crops": train_crops,
@@ -168,6 +240,9 @@ def _params(resolution: int, train_crops: int, eval_crops: int, seed: int, per_s
         "samples_per_shard": per_shard,
         "held_out": list(HELD_OUT),
     }
+    if split != "photos":  # sets built before splits existed stay valid
+        params["split"] = split
+    return params
 
 
 def _existing(out: Path, params: dict) -> DemoSet | None:
@@ -192,6 +267,10 @@ def _existing(out: Path, params: dict) -> DemoSet | None:
     )
 
 
+def _label(photo: Photo) -> str:
+    return photo.name if photo.region == "whole" else f"{photo.name} ({photo.region})"
+
+
 def _clear(directory: Path) -> None:
     if directory.is_dir():
         for path in directory.iterdir():
@@ -207,23 +286,27 @@ def build_demo_set(
     seed: int = 0,
     samples_per_shard: int | None = None,
     force: bool = False,
+    split: str = "photos",
 ) -> DemoSet:
     """Write OUT/train/*.tar and OUT/eval/*.tar, then OUT/manifest.json last.
 
-    Reuses a complete set built with the same parameters unless `force`.
+    `split` picks what is held out for OUT/eval (see the module doc). Reuses a complete
+    set built with the same parameters unless `force`.
     """
     if train_crops < 1 or eval_crops < 1:
         raise ValueError("train_crops and eval_crops must be positive")
+    if split not in SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; choices: {', '.join(SPLITS)}")
     # At least 8 train shards, so 2 ranks x 4 workers each own whole shards.
     per_shard = samples_per_shard or math.ceil(train_crops / 8)
     out = Path(out_dir)
-    params = _params(resolution, train_crops, eval_crops, seed, per_shard)
+    params = _params(resolution, train_crops, eval_crops, seed, per_shard, split)
     if not force and (existing := _existing(out, params)) is not None:
         return existing
 
-    photos = load_sample_photos()
-    train = [_Pyramid(p, resolution) for p in photos if p.name not in HELD_OUT]
-    held = [_Pyramid(p, resolution) for p in photos if p.name in HELD_OUT]
+    train_photos, held_photos = split_photos(load_sample_photos(), split)
+    train = [_Pyramid(p, resolution) for p in train_photos]
+    held = [_Pyramid(p, resolution) for p in held_photos]
     if not train or not held:
         raise RuntimeError("no bundled photographs available (need scikit-image / scikit-learn)")
 
@@ -258,8 +341,8 @@ def build_demo_set(
     manifest = {
         "params": params,
         "photos": {
-            "train": [p.photo.name for p in train],
-            "eval": [p.photo.name for p in held],
+            "train": [_label(p.photo) for p in train],
+            "eval": [_label(p.photo) for p in held],
         },
         "train_pattern": result.train_pattern,
         "eval_pattern": result.eval_pattern,
