@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tokenizer.checkpoint import check_weights_match, read_release, write_release
 from tokenizer.config import Config, ModelConfig, QuantizerConfig, from_dict
 from tokenizer.data.pixels import ImageInput, as_pixel_batch
 from tokenizer.data.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
 from tokenizer.models import VQVAE, build_model
+from tokenizer.release import check_weights_match, read_release, write_release
 
 # The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
 # ("top", "bottom") and encode_grids returns one entry per grid.

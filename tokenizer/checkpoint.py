@@ -1,4 +1,4 @@
-"""Training state (for resume) and the release format (config.json + model.safetensors).
+"""Training state, for resume (the release format is in release.py).
 
 A training checkpoint is a folder `run_dir/checkpoints/step_XXXXXXXX/`, written under a
 `.tmp` name and renamed once every rank has finished writing, so a killed run never
@@ -25,10 +25,8 @@ from safetensors.torch import load_file, save_file
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
-RELEASE_CONFIG = "config.json"
-RELEASE_WEIGHTS = "model.safetensors"
-RELEASE_FORMAT = "vq-tokenizer"
-RELEASE_VERSION = 1
+# Whole weights beside DeepSpeed's sharded state, in the release's file format.
+WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -93,7 +91,7 @@ def save_training_state(
         weights = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-            save_file(tensors, str(tmp / RELEASE_WEIGHTS))
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
     rank = accelerator.process_index
     _write_json(tmp / f"data_rank{rank}.json", data_state)
     if search_state:
@@ -128,62 +126,11 @@ def load_training_state(accelerator, path: Path) -> ResumedState:
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     """Model weights of a training checkpoint, with any DDP `module.` prefix removed."""
-    weights_file = path / RELEASE_WEIGHTS
+    weights_file = path / WEIGHTS_FILE
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{path}: no {RELEASE_WEIGHTS} in this checkpoint")
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} in this checkpoint")
     weights = load_file(str(weights_file))
     return {k.removeprefix("module."): v for k, v in weights.items()}
-
-
-def write_release(
-    directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]
-) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(directory / RELEASE_WEIGHTS))
-    body = {"format": RELEASE_FORMAT, "format_version": RELEASE_VERSION, **config}
-    _write_json(directory / RELEASE_CONFIG, body)
-    return directory
-
-
-def read_release(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, weights) of a release directory; safetensors + JSON, nothing unpickled."""
-    directory = Path(directory)
-    for name in (RELEASE_CONFIG, RELEASE_WEIGHTS):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: not a tokenizer release (missing {name})")
-    config = json.loads((directory / RELEASE_CONFIG).read_text())
-    if config.get("format") != RELEASE_FORMAT:
-        raise ValueError(
-            f"{directory / RELEASE_CONFIG}: format is {config.get('format')!r}, "
-            f"expected {RELEASE_FORMAT!r}"
-        )
-    return config, load_file(str(directory / RELEASE_WEIGHTS))
-
-
-def check_weights_match(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str
-) -> None:
-    """Refuse weights that do not fit the model built from the config, naming the tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing:
-        raise ValueError(
-            f"{source}: tensor '{missing[0]}' is missing from the weights "
-            f"({len(missing)} missing in all) - config and weights disagree"
-        )
-    if unexpected:
-        raise ValueError(
-            f"{source}: tensor '{unexpected[0]}' is not part of the model "
-            f"built from the config ({len(unexpected)} unexpected in all)"
-        )
-    for name, tensor in expected.items():
-        if tuple(found[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{source}: tensor '{name}' has shape {tuple(found[name].shape)}, "
-                f"the config gives {tuple(tensor.shape)}"
-            )
 
 
 def _write_json(path: Path, data: Any) -> None:

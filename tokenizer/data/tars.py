@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# What PIL reads; make_shards stores each as it is, under its lowercased extension.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
 @dataclass
