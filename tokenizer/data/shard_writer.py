@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,58 @@ class ShardInfo:
 
 def shard_name(index: int, prefix: str = "") -> str:
     return f"{prefix}{index:06d}.tar"
+
+
+def is_shard_file(name: str, prefix: str = "") -> bool:
+    """Whether `name` is one this writer makes: a shard, or the temporary file of one
+    (left behind by a run that was killed)."""
+    shard = re.escape(prefix) + r"\d{6}\.tar"
+    return (
+        re.fullmatch(shard, name) is not None
+        or re.fullmatch(rf"\.{shard}\.tmp-\d+", name) is not None
+    )
+
+
+class OutputNotEmpty(RuntimeError):
+    """The output folder already holds files; the message names them."""
+
+
+@dataclass(frozen=True)
+class PreparedOutput:
+    removed: list[str]  # names of the old shards (and temporary files) deleted
+    kept: list[str]  # names of the other entries, left alone
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def prepare_output(directory: str | os.PathLike, replace: bool, prefix: str = "") -> PreparedOutput:
+    """Make sure new shards will not mix with old ones in `directory`.
+
+    A missing or empty folder is fine. A folder with anything in it is refused unless
+    `replace`; then the shards and temporary files this writer made (see is_shard_file)
+    are deleted, and nothing else: the folder may hold a user's own files.
+    """
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {out} exists and is not a folder")
+    if not out.exists():
+        return PreparedOutput([], [])
+    entries = sorted(out.iterdir(), key=lambda p: p.name)
+    ours = [p for p in entries if p.is_file() and is_shard_file(p.name, prefix)]
+    others = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in ours]
+    if entries and not replace:
+        parts = []
+        if ours:
+            parts.append(f"{len(ours)} shard files ({_listing([p.name for p in ours])})")
+        if others:
+            parts.append(f"{len(others)} other entries ({_listing(others)})")
+        raise OutputNotEmpty(f"output folder {out} is not empty: it holds {' and '.join(parts)}")
+    for path in ours:
+        path.unlink()
+    return PreparedOutput([p.name for p in ours], others)
 
 
 def brace_pattern(directory: str | os.PathLike, num_shards: int, prefix: str = "") -> str:
