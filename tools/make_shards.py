@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _by_extension(paths: list[Path]) -> str:
     counts = Counter(p.suffix.lower() or "(no extension)" for p in paths)
-    return ", ".join(f"{n} {ext}" for ext, n in counts.most_common())
+    return ", ".join(f"{n} {ext}" for ext, n in sorted(counts.items(), key=lambda c: (-c[1], c[0])))
 
 
 def _summary(counts: PackCounts, num_shards: int) -> str:

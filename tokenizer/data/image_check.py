@@ -12,8 +12,9 @@ What is stored:
 - any other format PIL reads here (.ppm, .pgm, .tga, .ico, .qoi, .jp2, .avif, .psd, ...):
   re-encoded as PNG, which is lossless. PNG keeps the decoded pixels as they are (16-bit
   grey, palette, alpha included); the few modes PNG cannot hold (CMYK, YCbCr, LAB, HSV,
-  32-bit int or float, palette + alpha) go through RGB(A) first, the conversion the reader
-  applies anyway. Re-encoding rather than widening IMAGE_EXTENSIONS keeps the shards
+  32-bit int beyond 16 bits, float, palette + alpha) go through RGB(A) first, the
+  conversion the reader applies anyway. Either way the reader's RGB is checked to be the
+  same as the original's before the PNG is kept. Re-encoding rather than widening IMAGE_EXTENSIONS keeps the shards
   readable by any webdataset reader, which knows the common extensions only.
 """
 
@@ -78,12 +79,19 @@ class CheckedImage:
 
 
 def _as_png(image: Image.Image) -> bytes:
+    if image.mode == "I" and _fits_16_bits(image):
+        image = image.convert("I;16")  # 16-bit PGM/PPM open as 32-bit "I"
     if image.mode not in _PNG_MODES:
         alpha = "A" in image.getbands() or "transparency" in image.info
         image = image.convert("RGBA" if alpha else "RGB")
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
+
+
+def _fits_16_bits(image: Image.Image) -> bool:
+    low, high = image.getextrema()
+    return 0 <= low and high <= 65535  # type: ignore[operator]
 
 
 def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
