@@ -147,6 +147,7 @@ def pack_folder(args: argparse.Namespace) -> int:
     def on_skip(skip: SkippedFile) -> None:
         status.note(f"skipped {skip.path}: {skip.reason}")
 
+    status.update(f"scanning {args.input} ...", force=True)
     packer = FolderPacker(
         args.input,
         workers=args.workers,

@@ -179,6 +179,9 @@ class FolderPacker:
         )
 
     def samples(self) -> Iterator[dict]:
+        """The samples, once: `counts` describes a single pass."""
+        if self.counts.images_done:
+            raise RuntimeError("FolderPacker.samples() was already consumed; make a new packer")
         root, used = self.scan.root, set()
 
         def check(image: Path) -> _Checked:
