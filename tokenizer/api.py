@@ -4,18 +4,21 @@ tok = Tokenizer.from_pretrained("runs/demo/release", device="cuda")
 codes = tok.encode(images)      # images -> (B, H/f, W/f) int64 in [0, K)
 images = tok.decode(codes)      # -> (B, 3, H, W) float in [0, 1]
 vectors = tok.embed(codes)      # -> (B, H/f, W/f, D) codebook vectors, for priors
-tok.fingerprint                 # sha256 of the weights: index manifests record it
+tok.fingerprint                 # sha256 of what decides the codes: index manifests record it
 
 `encode` takes float tensors in [0, 1], uint8 tensors, numpy arrays, PIL images or lists
 of them (see tokenizer/data/pixels.py); `preprocess` gives the evaluation crops that
 tools/tokenize_dataset.py feeds it.
+
+A Tokenizer always finds the nearest code exactly: a release trained with the approximate
+"faiss-ivf" search encodes with exact faiss (its IVF cells are not part of the release,
+and codes that depend on cells re-clustered at load would differ between machines).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +26,81 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tokenizer.config import Config, ModelConfig, QuantizerConfig, from_dict
+from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig, from_dict, validate
 from tokenizer.data.pixels import ImageInput, as_pixel_batch
 from tokenizer.data.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
 from tokenizer.models import VQVAE, build_model
-from tokenizer.release import check_weights_match, read_release, write_release
+from tokenizer.quantize import search_from_config
+from tokenizer.release import (
+    RELEASE_CONFIG,
+    check_weights_match,
+    read_release,
+    release_fingerprint,
+    weights_fingerprint,
+    write_release,
+)
 
 # The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
 # ("top", "bottom") and encode_grids returns one entry per grid.
 SINGLE_GRID = "tokens"
 
+# The exact search a Tokenizer runs for each training backend (see the module docstring).
+EXACT_SEARCH = {"torch": "torch", "faiss": "faiss", "faiss-ivf": "faiss", "auto": "auto"}
 
-def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the sorted tensor names, dtypes, shapes and bytes: the same weights
-    give the same fingerprint on any device, whatever file they came from."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        header = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
-        digest.update(header.encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+__all__ = ["SINGLE_GRID", "Tokenizer", "weights_fingerprint"]
+
+
+def exact_search_name(trained: str, override: str | None = None) -> str:
+    """The backend a Tokenizer searches with: `override` ("torch", "faiss" or "auto"),
+    else the exact counterpart of the backend the model was trained with."""
+    if override is not None:
+        if override not in ("torch", "faiss", "auto"):
+            raise ValueError(
+                f"search={override!r}: a Tokenizer searches exactly; choose 'torch', "
+                "'faiss' or 'auto'"
+            )
+        return override
+    if trained not in EXACT_SEARCH:
+        raise ValueError(
+            f"quantizer.search {trained!r} is not a search backend ({', '.join(EXACT_SEARCH)})"
+        )
+    return EXACT_SEARCH[trained]
 
 
 class Tokenizer:
-    def __init__(self, model: VQVAE, config: Config) -> None:
+    def __init__(self, model: VQVAE, config: Config, search: str | None = None) -> None:
+        """Wrap a built model; `search` ("torch", "faiss", "auto") replaces the exact
+        counterpart of config.quantizer.search as the backend (the codes stay the
+        nearest ones, so the fingerprint does not change)."""
         self.model = model.eval()
         self.config = config
+        self.search_backend = exact_search_name(config.quantizer.search, search)
+        try:
+            backend = search_from_config(replace(config.quantizer, search=self.search_backend))
+        except ImportError as err:
+            raise ImportError(
+                f"{err}; or pass search='torch' (exact too: the same codes, slower on CPU)"
+            ) from err
+        # A plain attribute of the quantizer (no state): swapping it changes nothing else.
+        self.model.quantizer.search = backend
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ loading, saving
 
     @classmethod
-    def from_config(cls, config: Config, state: dict[str, torch.Tensor], source: str) -> Tokenizer:
-        model = build_model(config)
+    def from_config(
+        cls,
+        config: Config,
+        state: dict[str, torch.Tensor],
+        source: str,
+        search: str | None = None,
+    ) -> Tokenizer:
+        # Built with the torch search, which needs nothing installed; __init__ installs
+        # the one this Tokenizer runs (export passes search="torch": it never encodes).
+        model = build_model(replace(config, quantizer=replace(config.quantizer, search="torch")))
         check_weights_match(model.state_dict(), state, source)
         model.load_state_dict(state, strict=True)
-        return cls(model, config)
+        return cls(model, config, search)
 
     @classmethod
     def from_pretrained(
@@ -67,11 +108,28 @@ class Tokenizer:
         directory: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        search: str | None = None,
     ) -> Tokenizer:
-        """Load a release directory (config.json + model.safetensors); never unpickles."""
-        raw, state = read_release(directory)
-        config = from_dict({k: raw[k] for k in ("model", "quantizer", "data") if k in raw})
-        return cls.from_config(config, state, str(directory)).to(device, dtype)
+        """Load a release directory (config.json + model.safetensors); never unpickles.
+        `search` ("torch", "faiss", "auto") overrides the release's exact backend."""
+        release = read_release(directory)
+        raw = release.config
+        source = str(Path(directory) / RELEASE_CONFIG)
+        try:
+            config = from_dict({k: raw[k] for k in ("model", "quantizer", "data") if k in raw})
+            validate(config)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        tok = cls.from_config(config, release.weights, str(directory), search)
+        # Derived values the file repeats for readers without this package: a hand edit
+        # of one of them alone must not pass unnoticed.
+        for key in ("codebook_size", "downsample_factor"):
+            if key in raw and raw[key] != getattr(tok, key):
+                raise ValueError(
+                    f"{source}: {key} is {raw[key]!r} but the model its config builds has "
+                    f"{getattr(tok, key)}"
+                )
+        return tok.to(device, dtype)
 
     def release_config(self) -> dict[str, Any]:
         """The release's config.json body (index manifests embed it)."""
@@ -137,9 +195,14 @@ class Tokenizer:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights (weights_fingerprint), computed once."""
+        """sha256 of everything that decides the codes (release.release_fingerprint): the
+        weights, their dtype, and every config value but those that cannot change a code
+        (release.INFERENCE_NEUTRAL_KEYS), so editing l2_normalize in a config.json
+        changes it. Computed once."""
         if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.model.state_dict())
+            self._fingerprint = release_fingerprint(
+                self.release_config(), weights_fingerprint(self.model.state_dict())
+            )
         return self._fingerprint
 
     @property
@@ -154,8 +217,13 @@ class Tokenizer:
         """Code grid (h, w) of an image of (height, width) pixels."""
         f = self.downsample_factor
         if height % f or width % f:
+            crop = (height // f * f, width // f * f)
+            example = f" (here {crop})" if min(crop) > 0 else ""
             raise ValueError(
-                f"image size {(height, width)} is not divisible by the downsampling factor {f}"
+                f"image size (height, width) {(height, width)} is not divisible by the "
+                f"downsampling factor {f}: crop it to a multiple of {f} on each side"
+                f"{example}, or use tok.preprocess(images), which resizes and centre-crops "
+                f"to {self.resolution}x{self.resolution}"
             )
         return height // f, width // f
 
@@ -208,12 +276,18 @@ class Tokenizer:
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w) integer (int64, int32, uint16 ...) -> images (B, 3, h*f, w*f)
-        float in [0, 1]."""
+        float in [0, 1]. One grid (h, w), as an index shard stores a sample, gives one
+        image (3, h*f, w*f), as encode takes one image."""
         codes = torch.as_tensor(codes)
-        if codes.ndim != 3:
-            raise ValueError(f"decode expects integer codes (B, h, w), got {tuple(codes.shape)}")
-        codes = self._check_codes(codes)
-        return ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0).float()
+        if codes.ndim not in (2, 3):
+            raise ValueError(
+                f"decode expects integer codes (B, h, w) or one grid (h, w), "
+                f"got {tuple(codes.shape)}"
+            )
+        single = codes.ndim == 2
+        codes = self._check_codes(codes[None] if single else codes)  # (B, h, w)
+        images = ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0).float()
+        return images[0] if single else images  # (3, H, W) or (B, 3, H, W)
 
     @torch.no_grad()
     def embed(self, codes: torch.Tensor) -> torch.Tensor:

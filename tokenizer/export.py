@@ -15,6 +15,7 @@ class ExportResult:
     directory: Path
     checkpoint: Path
     step: int
+    fingerprint: str  # Tokenizer.fingerprint of the release: what index manifests record
 
 
 def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) -> ExportResult:
@@ -25,6 +26,13 @@ def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) 
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/")
     cfg = load_config(config_file)
-    tok = Tokenizer.from_config(cfg, load_checkpoint_weights(checkpoint), str(checkpoint))
+    # search="torch": exporting never encodes, so it needs no faiss whatever the run used.
+    weights = load_checkpoint_weights(checkpoint)
+    tok = Tokenizer.from_config(cfg, weights, str(checkpoint), search="torch")
     tok.save_pretrained(output)
-    return ExportResult(directory=output, checkpoint=checkpoint, step=checkpoint_step(checkpoint))
+    return ExportResult(
+        directory=output,
+        checkpoint=checkpoint,
+        step=checkpoint_step(checkpoint),
+        fingerprint=tok.fingerprint,
+    )

@@ -1,50 +1,160 @@
-"""The release format: a directory of config.json + model.safetensors, no pickle."""
+"""The release format: a directory of config.json + model.safetensors, no pickle, and the
+fingerprint that says which codes a release gives.
+
+config.json holds {"format": "vq-tokenizer", "format_version": 1, "model": {...},
+"quantizer": {...}, "data": {...}, "codebook_size", "downsample_factor",
+"weights_sha256"}. `weights_sha256` (weights_fingerprint of the file's tensors) was added
+within version 1: readers of version 1 ignore keys they do not know, and a release
+written before it (without the key) is read as before, unchecked.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 RELEASE_CONFIG = "config.json"
 RELEASE_WEIGHTS = "model.safetensors"
 RELEASE_FORMAT = "vq-tokenizer"
-RELEASE_VERSION = 1
+RELEASE_VERSION = 1  # what write_release writes
+READABLE_VERSIONS = (1,)  # what read_release reads
+
+# Config values that steer training only, or how the nearest code is searched for, never
+# which code an image gets from given weights; every other value of the release config
+# (model architecture, codebook_size, code_dim, lookup_dim, l2_normalize, ema, data
+# preprocessing, and any key added later) is part of the fingerprint. Listing what is
+# left out, rather than what is put in, means a new key is covered until someone shows
+# it cannot change the codes; tests/test_release.py checks every key listed here against
+# real codes.
+# - beta, ema_decay, ema_epsilon, init, kmeans_iters, restart_*: losses and codebook
+#   updates, which never run at inference (the codebook they produced is in the weights).
+# - search, search_chunk, ivf_*: a Tokenizer always searches exactly (tokenizer/api.py
+#   turns faiss-ivf into exact faiss), and the exact backends and chunk sizes all return
+#   the nearest code; they can only disagree where two codes are equally near within
+#   fp32 rounding, which no index could rely on anyway.
+INFERENCE_NEUTRAL_KEYS = frozenset(
+    {
+        "quantizer.beta",
+        "quantizer.ema_decay",
+        "quantizer.ema_epsilon",
+        "quantizer.init",
+        "quantizer.kmeans_iters",
+        "quantizer.restart_threshold",
+        "quantizer.restart_unused_steps",
+        "quantizer.search",
+        "quantizer.search_chunk",
+        "quantizer.ivf_nlist",
+        "quantizer.ivf_nprobe",
+        "quantizer.ivf_rebuild_every",
+        "quantizer.ivf_recall_samples",
+    }
+)
+
+# Keys of config.json that describe the file, not the tokenizer: not fingerprinted.
+_FILE_KEYS = ("format", "format_version", "weights_sha256")
+
+
+@dataclass
+class Release:
+    config: dict[str, Any]  # the config.json body
+    weights: dict[str, torch.Tensor]
+    weights_sha256: str  # weights_fingerprint(weights), checked against config.json
+
+
+def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the sorted tensor names, dtypes, shapes and bytes: the same weights
+    give the same digest on any device, whatever file they came from."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        header = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
+        digest.update(header.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def code_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a release config that decides the codes: all of it but the file's own
+    keys and INFERENCE_NEUTRAL_KEYS."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _FILE_KEYS:
+            continue
+        if isinstance(value, Mapping):
+            out[key] = {
+                k: v for k, v in value.items() if f"{key}.{k}" not in INFERENCE_NEUTRAL_KEYS
+            }
+        else:
+            out[key] = value
+    return out
+
+
+def release_fingerprint(config: Mapping[str, Any], weights_sha256: str) -> str:
+    """sha256 of everything that decides the codes: code_config(config) and the weights
+    (their digest, weights_fingerprint: a cast to another dtype changes it)."""
+    digest = hashlib.sha256(b"vq-tokenizer fingerprint 2\n")
+    digest.update(json.dumps(code_config(config), sort_keys=True).encode())
+    digest.update(f"\n{weights_sha256}".encode())
+    return digest.hexdigest()
 
 
 def write_release(
-    directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor]
+    directory: str | Path, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
 ) -> Path:
+    """Write config.json + model.safetensors (each to a temporary name, then renamed,
+    weights first) with the permissions the user's umask gives new files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(directory / RELEASE_WEIGHTS))
-    body = {"format": RELEASE_FORMAT, "format_version": RELEASE_VERSION, **config}
-    _write_json(directory / RELEASE_CONFIG, body)
+    body = {
+        **config,
+        "format": RELEASE_FORMAT,
+        "format_version": RELEASE_VERSION,
+        "weights_sha256": weights_fingerprint(tensors),
+    }
+    _write_atomically(directory / RELEASE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    _write_atomically(directory / RELEASE_CONFIG, lambda tmp: tmp.write_text(text))
     return directory
 
 
-def read_release(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, weights) of a release directory; safetensors + JSON, nothing unpickled."""
+def read_release(directory: str | Path) -> Release:
+    """Config and weights of a release directory; safetensors + JSON, nothing unpickled.
+    A file that is not what it should be is refused with its name."""
     directory = Path(directory)
     for name in (RELEASE_CONFIG, RELEASE_WEIGHTS):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory}: not a tokenizer release (missing {name})")
-    config = json.loads((directory / RELEASE_CONFIG).read_text())
-    if config.get("format") != RELEASE_FORMAT:
+    config = _read_config(directory / RELEASE_CONFIG)
+    weights_path = directory / RELEASE_WEIGHTS
+    try:
+        weights = load_file(str(weights_path))
+    except SafetensorError as err:
         raise ValueError(
-            f"{directory / RELEASE_CONFIG}: format is {config.get('format')!r}, "
-            f"expected {RELEASE_FORMAT!r}"
+            f"{weights_path}: not a readable safetensors file ({err}); truncated or corrupt?"
+        ) from None
+    digest = weights_fingerprint(weights)
+    recorded = config.get("weights_sha256")
+    if recorded is not None and recorded != digest:
+        raise ValueError(
+            f"{weights_path}: its tensors hash to {digest[:12]}..., but "
+            f"{RELEASE_CONFIG} records {str(recorded)[:12]}...: the file is corrupt or "
+            "comes from another release"
         )
-    return config, load_file(str(directory / RELEASE_WEIGHTS))
+    return Release(config=config, weights=weights, weights_sha256=digest)
 
 
 def check_weights_match(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str
+    expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], source: str
 ) -> None:
     """Refuse weights that do not fit the model built from the config, naming the tensor."""
     missing = sorted(set(expected) - set(found))
@@ -67,7 +177,43 @@ def check_weights_match(
             )
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("format") != RELEASE_FORMAT:
+        raise ValueError(f"{path}: format is {config.get('format')!r}, expected {RELEASE_FORMAT!r}")
+    version = config.get("format_version")
+    # bool is an int in Python: `true` must not pass for version 1.
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        newer = isinstance(version, int) and version > max(READABLE_VERSIONS)
+        hint = ": written by a newer vq-tokenizer, upgrade to read it" if newer else ""
+        raise ValueError(
+            f"{path}: format_version {version!r} is not one this code reads "
+            f"(it reads format_version {readable}){hint}"
+        )
+    return config
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) then rename tmp to path, so a reader never sees half a file. The file
+    gets the mode a new file gets here (umask, default ACLs): safetensors itself writes
+    0600 whatever the umask."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = os.fstat(fd).st_mode & 0o7777
+    finally:
+        os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

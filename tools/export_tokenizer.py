@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     out = export_release(Path(args.run), Path(args.output), checkpoint)
-    print(f"wrote {out.directory} from {out.checkpoint} (step {out.step})")
+    print(
+        f"wrote {out.directory} from {out.checkpoint} (step {out.step}), "
+        f"fingerprint {out.fingerprint}"
+    )
     return 0
 
 
