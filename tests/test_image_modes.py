@@ -119,6 +119,14 @@ def case_grey16_trns(rng: np.random.Generator) -> Case:
     return Case("png", data, over_white(grey3(np.rint(values / 257.0)), alpha))
 
 
+def case_grey16_tiff_big_endian(rng: np.random.Generator) -> Case:
+    values = sixteen_bit_values(rng, (RES, RES))
+    image = Image.frombytes("I;16B", (RES, RES), values.astype(">u2").tobytes())
+    data = saved(image, "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "I;16B"
+    return Case("tiff", data, grey3(np.rint(values / 257.0)))
+
+
 def case_pgm16(rng: np.random.Generator) -> Case:
     """A 16-bit PGM, which PIL opens as mode I (32-bit integers) holding 0..65535."""
     values = sixteen_bit_values(rng, (RES, RES))
