@@ -57,7 +57,7 @@ def test_single_stream_yields_every_sample_once_per_epoch(shard_set: ShardSet):
     epochs = keys_per_epoch(train_stream(shard_set.paths), epochs=3)
     for keys in epochs.values():
         assert sorted(keys) == sorted(shard_set.keys)
-    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+    assert len({tuple(keys) for keys in epochs.values()}) == 3  # every epoch its own order
 
 
 def test_batches_are_images_in_range_with_captions(shard_set: ShardSet):
@@ -86,7 +86,7 @@ def test_ranks_x_workers_are_disjoint_and_complete(tmp_path: Path, num_shards: i
 def test_shard_order_differs_between_epochs_and_matches_across_ranks(tmp_path: Path):
     shards = write_test_shards(tmp_path, num_shards=8, per_shard=3)
     orders = [shard_order(0, epoch, 8) for epoch in range(3)]
-    assert orders[0] != orders[1] != orders[2]
+    assert len({tuple(order) for order in orders}) == 3  # no two epochs alike
     assert shard_order(0, 1, 8) == orders[1]  # a pure function of (seed, epoch): every rank agrees
     for rank in range(2):
         # Without a shuffle buffer the key sequence shows the shard reading order.
@@ -130,8 +130,13 @@ def test_bad_image_and_truncated_tar_are_skipped_and_counted(tmp_path: Path):
             break
         seen.extend(batch.keys)
     assert sorted(seen) == sorted(good)
-    # The epoch-1 batch may also carry bad samples read before its first good one.
-    assert expected_bad <= tracker.bad_samples < 2 * expected_bad
+    # Every bad sample of epoch 0 is counted by now, and so are the ones epoch 1 read
+    # before its first good sample: the first epoch-1 batch (batch_size 1) holds that
+    # sample, at raw index next_index - 1, and carries the bad decodes before it. (Epoch
+    # 1's tar break is not among them: at most 2 bad decodes lead, emitted within 7 reads
+    # of the buffer of 4, and the break comes after at least 6 good reads of its shard.)
+    leading_bad = batch.next_index - 1
+    assert tracker.bad_samples == expected_bad + leading_bad
 
 
 def test_stream_of_only_bad_samples_raises_instead_of_spinning(tmp_path: Path):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig, from_dict, validate
+from tokenizer.data.image_modes import as_rgb
 from tokenizer.data.pixels import ImageInput, as_pixel_batch
 from tokenizer.data.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
 from tokenizer.models import VQVAE, build_model
@@ -232,15 +233,17 @@ class Tokenizer:
     def preprocess(
         self, images: Image.Image | Sequence[Image.Image], resolution: int | None = None
     ) -> torch.Tensor:
-        """PIL images -> (B, 3, R, R) uint8: shorter side to R, centre crop. The same
-        crops tools/tokenize_dataset.py makes (JPEGs not yet loaded decode at reduced
-        scale there too), so codes of a new image match codes in an index."""
+        """PIL images of any mode -> (B, 3, R, R) uint8: upright 8-bit RGB as training
+        reads files (image_modes.as_rgb: EXIF orientation, 16-bit by /257, alpha onto
+        white), shorter side to R, centre crop. The same crops tools/tokenize_dataset.py
+        makes (JPEGs not yet loaded decode at reduced scale there too), so codes of a new
+        image match codes in an index."""
         resolution = resolution or self.resolution
         items = [images] if isinstance(images, Image.Image) else list(images)
         crops = []
         for image in items:
             image.draft("RGB", (resolution, resolution))  # no-op once an image is loaded
-            crops.append(to_uint8_tensor(eval_crop(image.convert("RGB"), resolution)))
+            crops.append(to_uint8_tensor(eval_crop(as_rgb(image), resolution)))
         return torch.stack(crops)  # (B, 3, R, R)
 
     @torch.no_grad()

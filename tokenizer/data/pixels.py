@@ -2,9 +2,11 @@
 either uint8 or float in [0, 1].
 
 Accepted: torch tensors (channels-first, (3, H, W) or (B, 3, H, W)), numpy arrays
-(channels-last as PIL and imageio give them, (H, W, 3) or (B, H, W, 3)), PIL images, and
-lists of any of these. uint8 stays uint8, so the model sees exactly the values the
-training pipeline gives it for the same pixels.
+(channels-last as PIL and imageio give them, (H, W, 3) or (B, H, W, 3)), PIL images of
+any mode (read by image_modes.as_rgb, as training reads files), and lists of any of
+these. uint8 stays uint8, so the model sees exactly the values the training pipeline
+gives it for the same pixels. uint16 arrays and tensors (16-bit PNGs read by imageio or
+OpenCV) span 0..65535 and become uint8 round(v / 257), as 16-bit files do in training.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokenizer.data.image_modes import RANGE_SLACK, sixteen_to_eight
 from tokenizer.data.transforms import to_uint8_tensor
 
 ImageInput: TypeAlias = torch.Tensor | np.ndarray | Image.Image | Sequence[Any]
-
-# Resampled float images can overshoot [0, 1] by a hair; more than this is a wrong range.
-_RANGE_SLACK = 1e-3
 
 
 def _from_tensor(images: torch.Tensor) -> torch.Tensor:
@@ -31,8 +31,13 @@ def _from_tensor(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"tensors must be (B, 3, H, W) or (3, H, W), channels first; got {tuple(images.shape)}"
         )
+    if images.dtype == torch.uint16:
+        # torch has few uint16 kernels: convert on the CPU through numpy.
+        return torch.from_numpy(sixteen_to_eight(images.cpu().numpy()))
     if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise ValueError(f"expected a float tensor in [0, 1] or a uint8 tensor, got {images.dtype}")
+        raise ValueError(
+            f"expected a float tensor in [0, 1], a uint8 or a uint16 tensor, got {images.dtype}"
+        )
     return images
 
 
@@ -41,11 +46,16 @@ def _from_numpy(images: np.ndarray) -> torch.Tensor:
         images = images[None]
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(
-            "numpy arrays must be channels-last (B, H, W, 3) or (H, W, 3), as PIL gives them; "
-            f"got {images.shape}"
+            "numpy arrays must be channels-last RGB (B, H, W, 3) or (H, W, 3), as PIL gives "
+            f"them; got {images.shape} (greyscale or RGBA: pass a PIL image, whose alpha "
+            "is composited onto white)"
         )
+    if images.dtype == np.uint16:
+        images = sixteen_to_eight(images)
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"expected a float array in [0, 1] or a uint8 array, got {images.dtype}")
+        raise ValueError(
+            f"expected a float array in [0, 1], a uint8 or a uint16 array, got {images.dtype}"
+        )
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, 3, H, W)
 
 
@@ -79,7 +89,7 @@ def as_pixel_batch(images: ImageInput) -> torch.Tensor:
         batch = _one(images)
     if batch.is_floating_point() and batch.numel():
         low, high = torch.aminmax(batch)
-        if low.item() < -_RANGE_SLACK or high.item() > 1.0 + _RANGE_SLACK:
+        if low.item() < -RANGE_SLACK or high.item() > 1.0 + RANGE_SLACK:
             raise ValueError(
                 f"float images must lie in [0, 1], got values in [{low.item():.3f}, "
                 f"{high.item():.3f}] (images in [-1, 1]? pass (x + 1) / 2)"

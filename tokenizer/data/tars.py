@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from tokenizer.data.image_modes import ImageModeError, as_rgb
+
 # What PIL reads; make_shards stores each as it is, under its lowercased extension.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
@@ -69,8 +71,9 @@ def image_extension(fields: dict[str, bytes]) -> str | None:
 
 
 def decode_image(sample: RawSample, resolution: int) -> Image.Image:
-    """The sample's image as RGB; raises DecodeError with the reason when it has none or
-    it does not decode."""
+    """The sample's image as upright 8-bit RGB (image_modes.as_rgb: by its mode's real
+    range, alpha onto white, EXIF orientation applied); raises DecodeError with the reason
+    when it has none, it does not decode, or its values have no range we can read."""
     ext = image_extension(sample.fields)
     if ext is None:
         raise DecodeError(f"no image field (one of {', '.join(IMAGE_EXTENSIONS)})")
@@ -78,8 +81,11 @@ def decode_image(sample: RawSample, resolution: int) -> Image.Image:
         image = Image.open(io.BytesIO(sample.fields[ext]))
         # JPEGs can decode at a reduced DCT scale that still covers (R, R): much faster
         # for large photographs, and the bicubic resize that follows finishes the job.
+        # It must come before the pixels load, which as_rgb's EXIF transpose does.
         image.draft("RGB", (resolution, resolution))
-        return image.convert("RGB")
+        return as_rgb(image)
+    except ImageModeError as err:
+        raise DecodeError(f"unusable {ext} image: {err}") from None
     except Exception as err:  # PIL raises many types for corrupt data
         raise DecodeError(f"cannot decode {ext}: {type(err).__name__}: {err}") from None
 

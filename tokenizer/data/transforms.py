@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokenizer.data.image_modes import ALPHA_BACKGROUND, as_rgb
+
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
@@ -24,10 +26,9 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB image -> (3, H, W) uint8."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    array = np.array(image, dtype=np.uint8)  # (H, W, 3)
+    """Any PIL image -> (3, H, W) uint8, through image_modes.as_rgb (a no-op for the
+    upright RGB images the pipeline's crops already are)."""
+    array = np.array(as_rgb(image), dtype=np.uint8)  # (H, W, 3)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -75,5 +76,10 @@ def eval_preprocessing(resolution: int) -> dict[str, Any]:
         "resize": "shorter side to resolution, PIL bicubic",
         "crop": "centre, resolution x resolution",
         "jpeg_draft": True,  # JPEGs decode at the smallest DCT scale covering the resolution
+        # How image_modes.as_rgb reads what is not plain 8-bit RGB.
+        "exif_orientation": "applied",
+        "alpha_background": list(ALPHA_BACKGROUND),
+        "sixteen_bit": "round(v / 257)",
+        "float": "0..1, others refused",
         "model_input": "uint8 / 127.5 - 1",
     }
