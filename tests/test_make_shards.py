@@ -17,6 +17,7 @@ from PIL import Image, ImageFile
 from tokenizer.data import decode_image, read_tar, write_shards
 from tokenizer.data.folder import BAD_IMAGE, BAD_SIDECAR, NON_IMAGE, FolderPacker
 from tokenizer.data.image_check import BadImage, check_image
+from tokenizer.data.image_modes import as_rgb
 from tokenizer.data.shard_writer import OutputNotEmpty, prepare_output
 from tokenizer.status_line import StatusLine
 
@@ -43,8 +44,9 @@ def encoded(array: np.ndarray, fmt: str, **options) -> bytes:
 
 
 def rgb(data: bytes) -> np.ndarray:
+    """What the training reader makes of a file (alpha composited, 16-bit by range)."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(as_rgb(image))
 
 
 # name -> (bytes written, field expected in the shard, stored as the file's own bytes?)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from tokenizer.data.image_modes import ImageModeError, as_rgb, oriented
 from tokenizer.data.tars import IMAGE_EXTENSIONS
 
 # PIL formats whose bytes the reader decodes as they are, by the extension they are stored
@@ -95,7 +96,8 @@ def _fits_16_bits(image: Image.Image) -> bool:
 
 
 def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    return a.size == b.size and a.convert("RGB").tobytes() == b.convert("RGB").tobytes()
+    """The same RGB for the training reader (tokenizer.data.image_modes.as_rgb)."""
+    return a.size == b.size and as_rgb(a).tobytes() == as_rgb(b).tobytes()
 
 
 def check_image(data: bytes, extension: str) -> CheckedImage:
@@ -120,8 +122,13 @@ def check_image(data: bytes, extension: str) -> CheckedImage:
                 # fails the same way), and skips most of the inverse DCT.
                 image.draft(image.mode, (1, 1))
             image.load()
+            # What the training reader would refuse (a float image outside 0..1, say)
+            # is skipped here, with the reader's reason, instead of failing later.
+            as_rgb(image)
             if field is not None:
                 return CheckedImage(field, data, reencoded=False, size=size)
+            # PNG keeps no EXIF orientation: store the upright pixels.
+            image = oriented(image)
             png = _as_png(image)
             with Image.open(io.BytesIO(png)) as back:
                 if not _same_pixels(image, back):
@@ -129,6 +136,8 @@ def check_image(data: bytes, extension: str) -> CheckedImage:
             return CheckedImage("png", png, reencoded=True, size=size)
     except BadImage:
         raise
+    except ImageModeError as err:
+        raise BadImage(f"unusable {ext} image: {err}") from None
     except UnidentifiedImageError:
         raise BadImage(f"not an image PIL can identify ({len(data)} bytes)") from None
     except Image.DecompressionBombError as err:
