@@ -323,6 +323,10 @@ def test_a_second_set_of_inputs_is_refused_without_append_and_appended_with_it(
         run(world, out, inputs=clash.paths, append=True)
     assert first.paths[0] in str(err.value) and clash.paths[0] in str(err.value)
     assert tree_bytes(out) == appended
+    # An output folder holding the inputs themselves would overwrite them.
+    with pytest.raises(ValueError, match="its index shard would replace it"):
+        run(world, Path(clash.paths[0]).parent, inputs=clash.paths)
+    assert plain_tar_samples(clash.paths[0]).keys() == clash.samples.keys()
 
 
 def test_verify_rejects_shards_and_records_the_manifest_does_not_list(tar_index, tmp_path):
@@ -423,12 +427,27 @@ def test_a_flipped_bit_in_a_tokens_npy_inside_a_tar_fails_verify(tar_index, tmp_
         report = verify_index(out, check_sources=check_sources)
         assert report.problems == [
             "000001.tar: 000001.tar has changed since it was written (sha256 differs from "
-            "the record): damaged; re-run the tokenizer on its source"
+            "the record): damaged; delete records/000001.json and rerun the tokenize "
+            "command to rewrite the shard"
         ]
     assert tool_main()(["--verify", str(out), "--skip-sources"]) == 1
     printed = capsys.readouterr().out
     assert "PROBLEM: 000001.tar: 000001.tar has changed" in printed
     assert "FAILED (1 problems)" in printed
+
+    # What the message says mends it: the shard is rewritten, the index is whole again.
+    (out / "records" / "000001.json").unlink()
+    tokenize_corpus(
+        TokenizeOptions(
+            str(read_manifest(out).tokenizer["source"]),
+            read_manifest(out).inputs,
+            str(out),
+            batch_size=3,
+            num_workers=0,
+            progress=False,
+        )
+    )
+    assert tree_bytes(out) == tree_bytes(tar_index)
 
 
 def test_records_carry_the_sha256_of_every_file(npy_index):

@@ -110,9 +110,11 @@ def make_accelerator() -> Accelerator:
     )
 
 
-def _check_names(sources: list[str], names: list[str], earlier: int) -> None:
+def _check_names(sources: list[str], names: list[str], earlier: int, out: Path) -> None:
     seen: dict[str, str] = {}
     for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+        if os.path.abspath(out / name) == source:
+            raise ValueError(f"{source}: its index shard would replace it; use another --output")
         if name in seen:
             where = " (the first already in the index)" if i >= earlier > 0 else ""
             raise ValueError(
@@ -141,7 +143,7 @@ def _plan(options: TokenizeOptions, tok: Tokenizer, out: Path) -> _Plan:
     settings = settings_digest(tok.fingerprint, preprocessing, grids)
     inputs = index_inputs(out, requested, settings, options.storage, options.append)
     names = [output_name(s) for s in inputs.sources]
-    _check_names(inputs.sources, names, inputs.earlier)
+    _check_names(inputs.sources, names, inputs.earlier, out)
     check_no_strays(out, names, grids, options.storage == "npy")
     return _Plan(
         inputs.sources,

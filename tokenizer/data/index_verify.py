@@ -29,6 +29,7 @@ from tokenizer.data.index_format import (
     load_tokens,
     read_manifest,
     read_record,
+    record_path,
     sidecar_bytes,
 )
 from tokenizer.data.tars import RawSample, read_tar
@@ -156,7 +157,8 @@ def _check_files(root: Path, manifest: IndexManifest, shard: ShardRecord) -> lis
         elif (root / name).is_file() and sha256_file(root / name) != shard.checksums[name]:
             problems.append(
                 f"{shard.path}: {name} has changed since it was written (sha256 differs "
-                "from the record): damaged; re-run the tokenizer on its source"
+                f"from the record): damaged; delete {record_path(Path(), shard.path)} and "
+                "rerun the tokenize command to rewrite the shard"
             )
     return problems
 
