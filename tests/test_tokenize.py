@@ -27,7 +27,8 @@ from tokenize_helpers import (
 )
 
 from tokenizer import Tokenizer
-from tokenizer.data import read_manifest, write_shards
+from tokenizer.data import IMAGE_EXTENSIONS, read_manifest, write_shards
+from tokenizer.data.index_verify import verify_index
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,11 +57,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _run(command: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+def _run(command: list[str], timeout: int = 120, rc: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, f"failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == rc, (
+        f"rc {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -113,7 +116,7 @@ def test_two_ranks_write_every_key_once_with_captions_and_the_api_codes(setup, c
     assert manifest.num_samples == len(sources.good_keys) == NUM_SHARDS * PER_SHARD - 2
     assert {f.key: f.reason.split(":")[0] for _, f in manifest.failed} == {
         "img1_002": "cannot decode png",
-        "img1_003": "no image field (one of jpg, jpeg, png, webp)",
+        "img1_003": f"no image field (one of {', '.join(IMAGE_EXTENSIONS)})",
     }
 
     found: dict[str, dict[str, bytes]] = {}
@@ -167,3 +170,19 @@ def test_sigkill_mid_run_then_rerun_equals_a_clean_run(setup, capsys):
     assert tree_bytes(out) == tree_bytes(setup["clean"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_samples"] == NUM_SHARDS * PER_SHARD - 2
+
+
+def test_two_ranks_stop_together_on_keys_in_two_shards(setup, tmp_path):
+    # Shards 000000.tar of two sets hold the same keys; each rank encodes one of them.
+    first = write_sources(tmp_path / "a", num_shards=2, per_shard=6)
+    dup = write_sources(tmp_path / "d", num_shards=1, per_shard=6, prefix="d", seed=3)
+    out = tmp_path / "out"
+    command = _command(setup["release"], first.pattern, out)
+    command[command.index(first.pattern) + 1 : command.index(first.pattern) + 1] = dup.paths
+    proc = _run(command, rc=1)  # the launcher's status when its ranks fail
+    a, d = first.paths[0], dup.paths[0]
+    assert f"error: 6 keys appear in more than one shard: 'img0_000' in {a} and {d}" in (
+        proc.stderr
+    )
+    assert "rank 0 found keys in more than one shard" in proc.stderr  # rank 1 stopped too
+    assert not (out / "manifest.json").exists() and not verify_index(out).ok

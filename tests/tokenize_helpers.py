@@ -57,8 +57,9 @@ class Sources:
 
     @property
     def pattern(self) -> str:
-        directory = Path(self.paths[0]).parent
-        return str(directory / f"{{000000..{len(self.paths) - 1:06d}}}.tar")
+        first = Path(self.paths[0])
+        prefix = first.name.removesuffix("000000.tar")
+        return str(first.parent / f"{prefix}{{000000..{len(self.paths) - 1:06d}}}.tar")
 
     @property
     def good_keys(self) -> list[str]:
@@ -72,17 +73,20 @@ def write_sources(
     width: int = 40,
     height: int = 32,
     seed: int = 0,
+    prefix: str = "",
+    key_prefix: str = "",
 ) -> Sources:
     """Shards of PNG samples (every fifth a JPEG) with a txt caption; odd ones also carry
     json, one a caption that is not valid UTF-8. Shard 1 holds an undecodable image and a
-    sample without an image."""
+    sample without an image. Shards are `{prefix}000000.tar`, ...; keys
+    `{key_prefix}img{shard}_{j:03d}` (the same keys in every set unless prefixed)."""
     rng = np.random.default_rng(seed)
     samples: dict[str, dict[str, bytes]] = {}
     bad: dict[str, str] = {}
     order: list[dict] = []
     for shard in range(num_shards):
         for j in range(per_shard):
-            key = f"img{shard}_{j:03d}"
+            key = f"{key_prefix}img{shard}_{j:03d}"
             ext, fmt = ("jpg", "JPEG") if j % 5 == 4 else ("png", "PNG")
             fields = {ext: image_bytes(rng, width, height, fmt), "txt": f"a photo {key}".encode()}
             if j % 2:
@@ -97,7 +101,7 @@ def write_sources(
                 bad[key] = "no image field"
             samples[key] = fields
             order.append({"__key__": key, **fields})
-    infos = write_shards(order, directory, samples_per_shard=per_shard)
+    infos = write_shards(order, directory, prefix=prefix, samples_per_shard=per_shard)
     return Sources([info.path for info in infos], samples, bad)
 
 

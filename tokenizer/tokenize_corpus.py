@@ -5,8 +5,13 @@ shards, the main thread encodes batches on the accelerator, and a background thr
 writes each output shard (to a temporary name, renamed when complete, then its record).
 Source shards are divided among ranks after leaving out those whose record says they
 are complete, so a rerun after a crash redoes only unfinished shards; one output shard
-depends only on its source shard, so the result equals one clean run's. Rank 0 merges
-the records into manifest.json at the end.
+depends only on its source shard, so the result equals one clean run's. Rank 0 checks
+that no key is in two shards and merges the records into manifest.json at the end.
+
+A folder that already holds an index keeps all of it (index_existing.py): with
+`append` the new inputs are added to it; without, the run must list all its inputs.
+An existing manifest stays until the new one replaces it: it still describes the
+earlier index if this run dies or fails.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch.utils.data import DataLoader
 
 from tokenizer.api import Tokenizer
 from tokenizer.data.images import check_shards_exist, expand_shards
+from tokenizer.data.index_duplicates import DuplicateKeysError, find_duplicates
+from tokenizer.data.index_existing import check_no_strays, index_inputs
 from tokenizer.data.index_format import (
     MANIFEST,
     GridSpec,
@@ -33,6 +40,7 @@ from tokenizer.data.index_format import (
     ShardRecord,
     code_dtype,
     grid_fields,
+    keys_path,
     output_name,
     read_record,
     settings_digest,
@@ -46,6 +54,18 @@ from tokenizer.progress import ImageProgress
 
 # Ranks finish their last shards at different times; the final barrier must outwait that.
 _BARRIER_TIMEOUT = timedelta(hours=12)
+_MAX_WORKERS = 4
+
+
+def default_num_workers() -> int:
+    """Decoding workers per rank: min(4, the CPU cores this process may use divided by
+    the ranks on this machine), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(_MAX_WORKERS, cores // local_ranks))
 
 
 @dataclass
@@ -54,16 +74,18 @@ class TokenizeOptions:
     inputs: list[str]  # brace patterns or tar paths
     output: str
     batch_size: int = 64
-    num_workers: int = 4
+    num_workers: int | None = None  # None: default_num_workers()
     resolution: int = 0  # 0: the tokenizer's training resolution
     storage: str = "tar"  # "tar", or "npy": tars plus packed (n, h, w) arrays
     progress: bool = True
+    append: bool = False  # add the inputs to an index of other inputs in `output`
 
 
 @dataclass
 class TokenizeSummary:
-    num_shards: int  # source shards of the run
+    num_shards: int  # source shards of the index (earlier inputs included)
     shards_skipped: int  # complete from an earlier run
+    shards_earlier: int  # of them, inputs of the existing index that this run does not list
     images_encoded: int  # by this run, all ranks
     seconds: float
     manifest: IndexManifest | None  # on rank 0
@@ -71,11 +93,13 @@ class TokenizeSummary:
 
 @dataclass
 class _Plan:
-    sources: list[str]  # absolute paths, in input order
+    sources: list[str]  # absolute paths, in manifest order (earlier inputs first)
     names: list[str]  # output tar names
     grids: list[GridSpec]
     preprocessing: dict
     settings: str
+    earlier: int  # inputs only the existing manifest lists
+    existing: bool  # the folder held a manifest
 
 
 def make_accelerator() -> Accelerator:
@@ -86,18 +110,25 @@ def make_accelerator() -> Accelerator:
     )
 
 
-def _plan(options: TokenizeOptions, tok: Tokenizer) -> _Plan:
-    sources = [os.path.abspath(p) for p in expand_shards(options.inputs)]
-    if not sources:
+def _check_names(sources: list[str], names: list[str], earlier: int, out: Path) -> None:
+    seen: dict[str, str] = {}
+    for i, (source, name) in enumerate(zip(sources, names, strict=True)):
+        if os.path.abspath(out / name) == source:
+            raise ValueError(f"{source}: its index shard would replace it; use another --output")
+        if name in seen:
+            where = " (the first already in the index)" if i >= earlier > 0 else ""
+            raise ValueError(
+                f"{seen[name]} and {source} would both write {name}{where}: output shards "
+                "are named after their source shard; rename one"
+            )
+        seen[name] = source
+
+
+def _plan(options: TokenizeOptions, tok: Tokenizer, out: Path) -> _Plan:
+    requested = [os.path.abspath(p) for p in expand_shards(options.inputs)]
+    if not requested:
         raise ValueError("no input shards (the pattern expands to nothing)")
-    check_shards_exist(sources)
-    names = [output_name(s) for s in sources]
-    if len(set(names)) != len(names):
-        seen: dict[str, str] = {}
-        for source, name in zip(sources, names, strict=True):
-            if name in seen:
-                raise ValueError(f"{seen[name]} and {source} would both write {name}")
-            seen[name] = source
+    check_shards_exist(requested)
     if options.storage not in ("tar", "npy"):
         raise ValueError(f"--format must be 'tar' or 'npy', got {options.storage!r}")
     resolution = options.resolution or tok.resolution
@@ -109,8 +140,19 @@ def _plan(options: TokenizeOptions, tok: Tokenizer) -> _Plan:
         for name, field in grid_fields(list(tok.grid_names)).items()
     ]
     preprocessing = eval_preprocessing(resolution)
+    settings = settings_digest(tok.fingerprint, preprocessing, grids)
+    inputs = index_inputs(out, requested, settings, options.storage, options.append)
+    names = [output_name(s) for s in inputs.sources]
+    _check_names(inputs.sources, names, inputs.earlier, out)
+    check_no_strays(out, names, grids, options.storage == "npy")
     return _Plan(
-        sources, names, grids, preprocessing, settings_digest(tok.fingerprint, preprocessing, grids)
+        inputs.sources,
+        names,
+        grids,
+        preprocessing,
+        settings,
+        inputs.earlier,
+        inputs.existing is not None,
     )
 
 
@@ -142,11 +184,12 @@ def _encode_shards(
     sources = [plan.sources[j] for j in jobs]
     names = [plan.names[j] for j in jobs]
     resolution = plan.preprocessing["resolution"]
-    extra = {"prefetch_factor": 4} if options.num_workers > 0 else {}
+    workers = min(_num_workers(options), len(sources))
+    extra = {"prefetch_factor": 4} if workers > 0 else {}
     loader = DataLoader(
         SourceShards(sources, resolution, options.batch_size),
         batch_size=None,
-        num_workers=min(options.num_workers, len(sources)),
+        num_workers=workers,
         collate_fn=_identity,
         pin_memory=tok.device.type == "cuda",
         **extra,
@@ -180,13 +223,45 @@ def _finish(
     )
 
 
-def _manifest(tok: Tokenizer, options: TokenizeOptions, plan: _Plan, out: Path) -> IndexManifest:
+def _num_workers(options: TokenizeOptions) -> int:
+    return default_num_workers() if options.num_workers is None else options.num_workers
+
+
+def _records(plan: _Plan, out: Path) -> list[ShardRecord]:
     records: list[ShardRecord] = []
     for name in plan.names:
         record = read_record(out, name)
         if record is None or record.settings != plan.settings:
             raise RuntimeError(f"{out / name}: no record after every rank finished")
         records.append(record)
+    return records
+
+
+def _duplicates_error(
+    plan: _Plan, out: Path, records: list[ShardRecord]
+) -> DuplicateKeysError | None:
+    """Keys in two shards: the index must not get a manifest."""
+
+    def broken(message: str) -> None:
+        raise RuntimeError(f"{message}: an index shard written by this run is unreadable")
+
+    digests = [np.load(keys_path(out, r.path), allow_pickle=False) for r in records]
+    duplicates = find_duplicates(out, records, digests, broken)
+    if not duplicates:
+        return None
+    kept = " (the existing one still describes the earlier index)" if plan.existing else ""
+    hint = (
+        f". Every key must be unique within an index: no manifest written{kept}. Remove "
+        "the duplicates from the source shards (or leave a shard out, then delete its "
+        f"files in {out}: the tar and records/<name>.*) and rerun: complete shards are "
+        "not redone"
+    )
+    return DuplicateKeysError(duplicates, hint)
+
+
+def _manifest(
+    tok: Tokenizer, options: TokenizeOptions, plan: _Plan, records: list[ShardRecord]
+) -> IndexManifest:
     first = plan.grids[0]
     return IndexManifest(
         tokenizer={
@@ -215,28 +290,30 @@ def tokenize_corpus(
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     tok = Tokenizer.from_pretrained(options.tokenizer, device=accelerator.device)
-    plan = _plan(options, tok)
     out = Path(options.output)
-    packed = options.storage == "npy"
     # Read-only, on every rank, before anything is written: an output folder of another
-    # tokenizer is refused everywhere, and every rank sees the same pending list.
+    # tokenizer or other inputs is refused everywhere, and every rank sees the same
+    # pending list.
+    plan = _plan(options, tok, out)
+    packed = options.storage == "npy"
     pending = [
         j
         for j, name in enumerate(plan.names)
-        if completed_record(out, name, plan.settings, packed) is None
+        if completed_record(out, name, plan.sources[j], plan.settings, packed) is None
     ]
+    check_shards_exist([plan.sources[j] for j in pending])  # earlier inputs to redo
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        # A manifest from an earlier run must not outlive shards this run may rewrite.
-        (out / MANIFEST).unlink(missing_ok=True)
         remove_stale_temporaries(out)
     accelerator.wait_for_everyone()
     jobs = pending[rank::world]
     skipped = len(plan.names) - len(pending)
     if main:
+        earlier = f", {plan.earlier} from the existing index" if plan.earlier else ""
         print(
             f"tokenizing {len(pending)} of {len(plan.names)} shards ({skipped} already "
-            f"complete) on {world} rank(s), device {accelerator.device}, "
+            f"complete{earlier}) on {world} rank(s), {_num_workers(options)} decoding "
+            f"workers per rank, device {accelerator.device}, "
             f"{plan.preprocessing['resolution']} px -> grid {plan.grids[0].shape}",
             file=sys.stderr,
             flush=True,
@@ -251,14 +328,24 @@ def tokenize_corpus(
     images = torch.tensor([progress.images], device=accelerator.device)
     total = accelerator.reduce(images, "sum")
     accelerator.wait_for_everyone()
-    manifest = None
+    manifest, refused = None, None
     if main:
-        manifest = _manifest(tok, options, plan, out)
-        write_json_atomic(out / MANIFEST, manifest.to_dict())
+        records = _records(plan, out)
+        refused = _duplicates_error(plan, out, records)
+        if refused is None:
+            manifest = _manifest(tok, options, plan, records)
+            write_json_atomic(out / MANIFEST, manifest.to_dict())
+    # Every rank learns rank 0's verdict: all exit alike, none waits on a dead barrier.
+    verdict = torch.tensor([0 if refused is None else 1], device=accelerator.device)
+    if int(accelerator.reduce(verdict, "sum").item()):
+        if refused is not None:
+            raise refused
+        raise ValueError("rank 0 found keys in more than one shard (it names them)")
     accelerator.wait_for_everyone()
     return TokenizeSummary(
         num_shards=len(plan.names),
         shards_skipped=skipped,
+        shards_earlier=plan.earlier,
         images_encoded=int(total.item()),
         seconds=time.perf_counter() - started,
         manifest=manifest,

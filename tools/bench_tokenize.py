@@ -1,4 +1,4 @@
-"""Throughput of tools/tokenize_dataset.py against the model's encode-only rate.
+r"""Throughput of tools/tokenize_dataset.py against the model's encode-only rate.
 
     python tools/bench_tokenize.py --tokenizer runs/demo/release \
         --input 'data/demo/train/{000000..000001}.tar' --batch-size 64

@@ -1,4 +1,4 @@
-"""Evaluate a released tokenizer on held-out shards: PSNR, SSIM, codebook usage, perplexity.
+r"""Evaluate a released tokenizer on held-out shards: PSNR, SSIM, codebook usage, perplexity.
 
     python tools/eval_tokenizer.py --tokenizer runs/demo/release \
         --shards 'data/demo/eval/{000000..000001}.tar' --grid runs/demo/reconstructions.png

@@ -1,12 +1,21 @@
-"""Tokenize image shards into index shards (codes + captions) for training priors.
+r"""Tokenize image shards into index shards (codes + captions) for training priors.
 
     accelerate launch tools/tokenize_dataset.py --tokenizer runs/demo/release \
         --input 'data/{000000..000099}.tar' --output codes/ [--format npy]
+    accelerate launch tools/tokenize_dataset.py --tokenizer runs/demo/release \
+        --input 'more/{000000..000049}.tar' --output codes/ --append
     python tools/tokenize_dataset.py --verify codes/
 
 One output shard per input shard (same name), a manifest.json at the end; rerun the same
 command after a crash and it finishes the work without redoing complete shards. On CPU
 ranks launch with `accelerate launch --multi_gpu --num_processes N` (not --cpu).
+
+An output folder that holds an index keeps it: --append adds the inputs to it (same
+tokenizer, resolution and --format; shard names must differ), and without --append a
+run must list all of its inputs. A key in two input shards (or already in the index)
+stops the run before the manifest is written, naming the keys and their shards.
+--verify checks every file against the sha256 recorded when it was written, and the
+manifest against every shard and record on disk.
 """
 
 from __future__ import annotations
@@ -19,7 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer.data.index_verify import verify_index  # noqa: E402
-from tokenizer.tokenize_corpus import TokenizeOptions, tokenize_corpus  # noqa: E402
+from tokenizer.tokenize_corpus import (  # noqa: E402
+    TokenizeOptions,
+    default_num_workers,
+    tokenize_corpus,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", nargs="+", help="brace patterns or tar paths")
     parser.add_argument("--output", help="index folder to write")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encode, per rank")
-    parser.add_argument("--num-workers", type=int, default=4, help="decoding workers per rank")
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="decoding workers per rank (default: min(4, CPU cores available / ranks on "
+        f"this machine), {default_num_workers()} here)",
+    )
     parser.add_argument(
         "--resolution", type=int, default=0, help="crop size (default: the tokenizer's own)"
     )
@@ -39,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("tar", "npy"),
         default="tar",
         help="npy: also a packed (n, h, w) array and a keys/captions sidecar per shard",
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add the inputs to the index already in --output (its manifest then lists both)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -82,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         resolution=args.resolution,
         storage=args.format,
         progress=not args.no_progress,
+        append=args.append,
     )
     try:
         summary = tokenize_corpus(options)
@@ -91,9 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     manifest = summary.manifest
     if manifest is not None:
         rate = summary.images_encoded / max(summary.seconds, 1e-9)
+        earlier = (
+            f", {summary.shards_earlier} of them inputs of earlier runs"
+            if summary.shards_earlier
+            else ""
+        )
         print(
             f"index: {Path(args.output) / 'manifest.json'}\n"
-            f"shards: {summary.num_shards} ({summary.shards_skipped} complete before this run)\n"
+            f"shards: {summary.num_shards} ({summary.shards_skipped} complete before this run"
+            f"{earlier})\n"
             f"samples: {manifest.num_samples} in the index, {manifest.num_failed} failed "
             f"(listed in the manifest)\n"
             f"this run: {summary.images_encoded} images in {summary.seconds:.1f} s, "

@@ -7,8 +7,14 @@ and the manifest. A folder of index shards looks like this:
                                  every txt/json field of the source, byte-identical
     OUT/000042.tokens.npy        npy format only: (n, h, w) codes in the tar's order
     OUT/000042.samples.jsonl     npy format only: {"__key__", "txt", "json"} per row
-    OUT/records/000042.json      per-shard record; written after the shard's files, so
-                                 its presence marks the shard complete (resume)
+    OUT/records/000042.keys.npy  uint64 digests of the shard's keys, in tar order: the
+                                 duplicate check across shards reads these, not the tars
+    OUT/records/000042.json      per-shard record with the sha256 of each of its files;
+                                 written after the shard's files, so its presence marks
+                                 the shard complete (resume)
+
+A run into a folder that already holds an index keeps every shard of it: with --append
+its manifest then lists the old inputs and the new; without, the run must list them all.
 
 A model with several code grids (VQ-VAE-2) writes `tokens_<grid>.npy` per grid instead
 of `tokens.npy`, and `000042.tokens_<grid>.npy` packed arrays.
@@ -27,9 +33,11 @@ from typing import Any
 import numpy as np
 
 INDEX_FORMAT = "vq-tokenizer-index"
-INDEX_VERSION = 1
+# 2: records carry sha256 checksums and a keys digest file; version 1 folders have neither.
+INDEX_VERSION = 2
 MANIFEST = "manifest.json"
 RECORDS_DIR = "records"
+KEYS_SUFFIX = ".keys.npy"
 SAMPLES_SIDECAR = "samples.jsonl"
 _CARRIED = ("txt", "json")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -71,6 +79,15 @@ def tokens_bytes(codes: np.ndarray) -> bytes:
 
 def load_tokens(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def key_digest(key: str) -> int:
+    """8 bytes a key: duplicates across hundreds of millions of keys fit in memory."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def key_digests(keys: list[str]) -> np.ndarray:
+    return np.array([key_digest(k) for k in keys], dtype=np.uint64)
 
 
 def output_name(source: str) -> str:
@@ -122,6 +139,7 @@ class ShardRecord:
     read_error: str | None = None  # the source tar broke here; later samples are lost
     packed: dict[str, str] | None = None  # grid name or "samples" -> file (npy format)
     settings: str = ""  # settings_digest() of the run that wrote it
+    checksums: dict[str, str] = field(default_factory=dict)  # file -> sha256 (tar, packed)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ShardRecord:
@@ -139,7 +157,7 @@ class IndexManifest:
     grids: list[GridSpec]
     preprocessing: dict[str, Any]
     storage: str  # "tar" or "npy" (tars plus packed arrays)
-    inputs: list[str]  # every source shard of the run, in order
+    inputs: list[str]  # every source shard of the index (earlier runs' first), in order
     shards: list[ShardRecord]
     num_samples: int
     num_failed: int
@@ -191,6 +209,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def record_path(index_dir: Path, shard: str) -> Path:
     return index_dir / RECORDS_DIR / f"{shard.removesuffix('.tar')}.json"
+
+
+def keys_path(index_dir: Path, shard: str) -> Path:
+    return index_dir / RECORDS_DIR / f"{shard.removesuffix('.tar')}{KEYS_SUFFIX}"
 
 
 def read_record(index_dir: Path, shard: str) -> ShardRecord | None:

@@ -1,27 +1,35 @@
 """Check an index folder against its manifest and its source shards.
 
-Counts, dtypes, shapes and code ranges of every sample; packed arrays equal to the tars;
+The sha256 of every shard file against its record (a flipped bit anywhere is found,
+also with check_sources=False); every record and shard file on disk listed by the
+manifest, and every manifest entry equal to its record; counts, dtypes, shapes and code
+ranges of every sample; packed arrays equal to the tars; each key in one shard only;
 every readable source key either in the index exactly once (with its txt/json fields
 byte-identical) or listed as failed. Anything else is a problem.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from tokenizer.data.index_duplicates import describe_duplicates, find_duplicates
+from tokenizer.data.index_files import sha256_file, unlisted_files
 from tokenizer.data.index_format import (
     GridSpec,
     IndexManifest,
     ShardRecord,
     carried_fields,
     code_dtype,
+    key_digests,
+    keys_path,
     load_tokens,
     read_manifest,
+    read_record,
+    record_path,
     sidecar_bytes,
 )
 from tokenizer.data.tars import RawSample, read_tar
@@ -38,10 +46,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _digest(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def _read_all(path: Path, problems: list[str]) -> list[RawSample]:
@@ -74,6 +78,9 @@ def _check_packed(
 ) -> list[str]:
     if shard.packed is None:
         return [f"{shard.path}: npy format but no packed arrays recorded"]
+    absent = [f for f in shard.packed.values() if not (root / f).is_file()]
+    if absent:
+        return [f"{shard.path}: packed files missing: {absent}"]
     problems = []
     for grid in grids:
         array = np.load(root / shard.packed[grid.name], mmap_mode="r", allow_pickle=False)
@@ -129,14 +136,52 @@ def _check_source(shard: ShardRecord, index: dict[str, RawSample]) -> list[str]:
     return problems
 
 
+def _check_files(root: Path, manifest: IndexManifest, shard: ShardRecord) -> list[str]:
+    """The shard's record on disk equals the manifest's entry; every file hashes to the
+    sha256 recorded when it was written."""
+    problems = []
+    on_disk = read_record(root, shard.path)
+    if on_disk is None:
+        problems.append(f"{shard.path}: its record is missing (records/)")
+    elif asdict(on_disk) != asdict(shard):
+        problems.append(f"{shard.path}: its record differs from the manifest's entry")
+    if not shard.checksums:
+        if manifest.format_version >= 2:
+            problems.append(f"{shard.path}: no checksums recorded")
+        return problems
+    packed = manifest.storage == "npy" and shard.packed is not None
+    files = [shard.path, *(shard.packed.values() if packed else [])]  # type: ignore[union-attr]
+    for name in files:
+        if name not in shard.checksums:
+            problems.append(f"{shard.path}: no checksum recorded for {name}")
+        elif (root / name).is_file() and sha256_file(root / name) != shard.checksums[name]:
+            problems.append(
+                f"{shard.path}: {name} has changed since it was written (sha256 differs "
+                f"from the record): damaged; delete {record_path(Path(), shard.path)} and "
+                "rerun the tokenize command to rewrite the shard"
+            )
+    return problems
+
+
+def _check_keys_file(
+    root: Path, manifest: IndexManifest, shard: ShardRecord, keys: np.ndarray
+) -> list[str]:
+    path = keys_path(root, shard.path)
+    if not path.is_file():
+        return [] if manifest.format_version < 2 else [f"{shard.path}: {path.name} is missing"]
+    if not np.array_equal(np.load(path, allow_pickle=False), keys):
+        return [f"{shard.path}: {path.name} differs from the tar's keys"]
+    return []
+
+
 def _check_shard(
     root: Path, manifest: IndexManifest, shard: ShardRecord, check_sources: bool
 ) -> tuple[list[str], np.ndarray]:
     """Problems of one shard, and the 64-bit digests of its keys (for duplicates)."""
     path = root / shard.path
+    problems = _check_files(root, manifest, shard)
     if not path.is_file():
-        return [f"{shard.path}: missing"], np.zeros(0, np.uint64)
-    problems: list[str] = []
+        return [*problems, f"{shard.path}: missing"], np.zeros(0, np.uint64)
     samples = _read_all(path, problems)
     if len(samples) != shard.num_samples:
         problems.append(f"{shard.path}: {len(samples)} samples, manifest says {shard.num_samples}")
@@ -150,7 +195,9 @@ def _check_shard(
         problems += _check_packed(root, shard, samples, manifest.grids)
     if check_sources:
         problems += _check_source(shard, index)
-    return problems, np.array([_digest(k) for k in index], dtype=np.uint64)
+    keys = key_digests([raw.key for raw in samples])  # tar order, as the writer saved them
+    problems += _check_keys_file(root, manifest, shard, keys)
+    return problems, keys
 
 
 def _check_header(manifest: IndexManifest) -> list[str]:
@@ -162,6 +209,10 @@ def _check_header(manifest: IndexManifest) -> list[str]:
     missing = [s for s in manifest.inputs if s not in recorded]
     if missing:
         problems.append(f"{len(missing)} input shards have no index shard: {missing[:5]}")
+    listed = set(manifest.inputs)
+    extra = [s.source for s in manifest.shards if s.source not in listed]
+    if extra:
+        problems.append(f"{len(extra)} index shards of sources not in the inputs: {extra[:5]}")
     if sum(s.num_samples for s in manifest.shards) != manifest.num_samples:
         problems.append("num_samples differs from the sum over shards")
     if sum(len(s.failed) for s in manifest.shards) != manifest.num_failed:
@@ -181,8 +232,18 @@ def verify_index(index_dir: str | Path, check_sources: bool = True) -> VerifyRep
     report.num_samples = manifest.num_samples
     report.num_failed = manifest.num_failed
     report.problems += _check_header(manifest)
-    # 8 bytes a key: duplicates across hundreds of millions of keys fit in memory.
-    digests: list[np.ndarray] = [np.zeros(0, np.uint64)]
+    if manifest.format_version < 2:
+        report.notes.append(
+            f"{root}: index format version {manifest.format_version}: no checksums to "
+            "check; rerunning the tokenizer on it rewrites it with them"
+        )
+    names = [s.path for s in manifest.shards]
+    for stray in unlisted_files(root, names, manifest.grids, manifest.storage == "npy"):
+        report.problems.append(
+            f"{stray}: on disk but not in the manifest (from an unfinished or failed run, "
+            "or another index?)"
+        )
+    digests: list[np.ndarray] = []
     for shard in manifest.shards:
         problems, keys = _check_shard(root, manifest, shard, check_sources)
         report.problems += problems
@@ -190,10 +251,8 @@ def verify_index(index_dir: str | Path, check_sources: bool = True) -> VerifyRep
         report.notes += [f"{shard.source}: {f.key!r} failed: {f.reason}" for f in shard.failed]
         if shard.read_error:
             report.notes.append(shard.read_error)
-    unique, counts = np.unique(np.concatenate(digests), return_counts=True)
-    if (counts > 1).any():
-        report.problems.append(
-            f"{int((counts > 1).sum())} keys appear in more than one index shard "
-            f"(of {len(unique)} keys)"
-        )
+    # A tar that breaks is already a problem of its shard; here it only hides keys.
+    duplicates = find_duplicates(root, manifest.shards, digests, lambda _known: None)
+    if duplicates:
+        report.problems.append(describe_duplicates(duplicates))
     return report

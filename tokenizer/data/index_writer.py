@@ -1,4 +1,5 @@
-"""Write one index shard: its tar (streamed), its packed arrays, then its record.
+"""Write one index shard: its tar (streamed), its packed arrays, its keys' digests, then
+its record with the sha256 of every file (hashed while writing, never read back).
 
 Each file goes to a hidden temporary name and is renamed when complete; the record is
 renamed last, so a shard with a record is complete and a shard without one is redone.
@@ -6,26 +7,29 @@ renamed last, so a shard with a record is complete and a shard without one is re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from tokenizer.data.index_files import packed_files
 from tokenizer.data.index_format import (
     RECORDS_DIR,
-    SAMPLES_SIDECAR,
     FailedSample,
     GridSpec,
     ShardRecord,
     carried_fields,
-    packed_name,
+    key_digest,
+    keys_path,
     read_record,
+    record_path,
     sidecar_text,
     tokens_bytes,
     write_record,
 )
-from tokenizer.data.shard_writer import TarShardWriter
+from tokenizer.data.shard_writer import HashingFile, TarShardWriter
 
 
 class IndexShardWriter:
@@ -49,6 +53,7 @@ class IndexShardWriter:
         # Kept only for the packed arrays: (h, w) per sample, a few MB per shard.
         self._codes: dict[str, list[np.ndarray]] = {g.name: [] for g in grids}
         self._sidecar: list[str] = []
+        self._digests: list[int] = []
 
     def add(self, key: str, codes: dict[str, np.ndarray], fields: dict[str, bytes]) -> None:
         """codes: grid name -> (h, w) array of the grid's dtype; fields: the source's."""
@@ -57,6 +62,7 @@ class IndexShardWriter:
         for grid in self.grids:
             sample[grid.field] = tokens_bytes(codes[grid.name])
         self._tar.add(sample)
+        self._digests.append(key_digest(key))
         if self.packed:
             for grid in self.grids:
                 self._codes[grid.name].append(codes[grid.name])
@@ -68,7 +74,11 @@ class IndexShardWriter:
 
     def finish(self, read_error: str | None) -> ShardRecord:
         info = self._tar.commit()
-        packed = self._write_packed() if self.packed else None
+        checksums = {self.name: info.sha256}
+        packed = self._write_packed(checksums) if self.packed else None
+        keys = keys_path(self.index_dir, self.name)
+        keys.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(keys, np.array(self._digests, dtype=np.uint64))
         record = ShardRecord(
             path=self.name,
             source=self.source,
@@ -78,6 +88,7 @@ class IndexShardWriter:
             read_error=read_error,
             packed=packed,
             settings=self.settings,
+            checksums=checksums,
         )
         write_record(self.index_dir, record)
         return record
@@ -85,17 +96,18 @@ class IndexShardWriter:
     def abort(self) -> None:
         self._tar.abort()
 
-    def _write_packed(self) -> dict[str, str]:
-        files: dict[str, str] = {}
+    def _write_packed(self, checksums: dict[str, str]) -> dict[str, str]:
+        """Writes the packed arrays and the sidecar; adds their sha256 to `checksums`."""
+        files = packed_files(self.name, self.grids)
         for grid in self.grids:
             h, w = grid.shape
             rows = self._codes[grid.name]
             array = np.stack(rows) if rows else np.zeros((0, h, w), np.dtype(grid.dtype))
-            files[grid.name] = packed_name(self.name, grid.field)
-            _save_atomic(self.index_dir / files[grid.name], array)  # (n, h, w)
-        files["samples"] = packed_name(self.name, SAMPLES_SIDECAR)
+            checksums[files[grid.name]] = _save_atomic(self.index_dir / files[grid.name], array)
         text = "".join(line + "\n" for line in self._sidecar)
-        _write_atomic(self.index_dir / files["samples"], text.encode("ascii"))
+        checksums[files["samples"]] = _write_atomic(
+            self.index_dir / files["samples"], text.encode("ascii")
+        )
         return files
 
 
@@ -103,32 +115,51 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
+def _save_atomic(path: Path, array: np.ndarray) -> str:
+    """np.save under a temporary name, then renamed; the file's sha256."""
     tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
+    f = HashingFile(tmp)
+    try:
+        np.save(f, array, allow_pickle=False)  # type: ignore[arg-type]
+    finally:
+        f.close()
     os.replace(tmp, path)
+    return f.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes) -> str:
     tmp = _tmp(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
 
 
-def completed_record(index_dir: Path, name: str, settings: str, packed: bool) -> ShardRecord | None:
-    """The shard's record if the shard is complete for these settings, else None (redo).
+def check_settings(index_dir: Path, record: ShardRecord, settings: str) -> None:
+    """Raises when the shard was made by another tokenizer or preprocessing: mixing codes
+    of two tokenizers in one index would corrupt every prior trained on it."""
+    if record.settings != settings:
+        raise ValueError(
+            f"{index_dir}: shard {record.path} was written with other settings (another "
+            f"tokenizer, resolution or grids: {record.settings} != {settings}); use a new "
+            "output folder"
+        )
 
-    Raises when the shard was made by another tokenizer or preprocessing: mixing codes
-    of two tokenizers in one index would corrupt every prior trained on it.
-    """
+
+def completed_record(
+    index_dir: Path, name: str, source: str, settings: str, packed: bool
+) -> ShardRecord | None:
+    """The shard's record if the shard is complete for this source and these settings,
+    else None (redo). Raises for another tokenizer's shard (check_settings) and for a
+    shard of the same name written from another source shard."""
     record = read_record(index_dir, name)
     if record is None:
         return None
-    if record.settings != settings:
+    check_settings(index_dir, record, settings)
+    if record.source != source:
         raise ValueError(
-            f"{index_dir}: shard {name} was written with other settings (another tokenizer, "
-            f"resolution or grids: {record.settings} != {settings}); use a new output folder"
+            f"{record_path(index_dir, name)}: shard {name} was written from {record.source}, "
+            f"but this run's input of that name is {source}: two source shards of one name "
+            "cannot share an index folder; use a new output folder"
         )
     tar = index_dir / name
     if not tar.is_file() or tar.stat().st_size != record.num_bytes:
@@ -136,6 +167,9 @@ def completed_record(index_dir: Path, name: str, settings: str, packed: bool) ->
     if packed and (
         record.packed is None or not all((index_dir / f).is_file() for f in record.packed.values())
     ):
+        return None
+    # Records of format version 1 have no checksums: redone, so every shard can be checked.
+    if not record.checksums or not keys_path(index_dir, name).is_file():
         return None
     return record
 

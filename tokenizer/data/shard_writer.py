@@ -6,6 +6,7 @@ A sample is a dict with a "__key__" and one entry per file extension ("png", "tx
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -25,6 +26,34 @@ class ShardInfo:
     num_bytes: int
     first_key: str
     last_key: str
+    sha256: str = ""  # of the whole tar, hashed as it was written
+
+
+class HashingFile:
+    """A binary file being written, hashed on the way (sha256): a checksum without
+    reading the file again."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self._size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:  # tarfile asks where it starts
+        return self._size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 def shard_name(index: int, prefix: str = "") -> str:
@@ -134,7 +163,10 @@ class TarShardWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._tar: tarfile.TarFile | None = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+        self._file = HashingFile(self.tmp)
+        self._tar: tarfile.TarFile | None = tarfile.open(
+            fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT
+        )
         self._seen: set[str] = set()
         self.num_samples = 0
         self.first_key = self.last_key = ""
@@ -161,6 +193,7 @@ class TarShardWriter:
         assert self._tar is not None, "shard already committed or aborted"
         self._tar.close()
         self._tar = None
+        self._file.close()
         os.replace(self.tmp, self.path)
         return ShardInfo(
             path=str(self.path),
@@ -168,12 +201,14 @@ class TarShardWriter:
             num_bytes=self.path.stat().st_size,
             first_key=self.first_key,
             last_key=self.last_key,
+            sha256=self._file.hexdigest(),
         )
 
     def abort(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+        self._file.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> TarShardWriter:
