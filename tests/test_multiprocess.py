@@ -1,8 +1,9 @@
-"""Real multi-process training on CPU over gloo: DDP, DeepSpeed ZeRO-2/3, two 'nodes' on
-loopback, and a kill -9 mid-epoch. Every launch has a timeout, so a hang fails the test."""
+"""Real multi-process training on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, two 'nodes' on
+loopback, a kill -9 mid-epoch, and ranks that die with their launcher. Every launch has a timeout, so a hang fails the test."""
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from process_helpers import kill_tree
+from process_helpers import descendants, kill_pids, kill_tree, wait_gone
 from safetensors.torch import load_file
 from training_helpers import ENV, ROOT, accelerate, losses, make_shards, run, write_config
 
@@ -182,3 +183,45 @@ def test_kill_9_mid_epoch_then_resume_consumes_the_same_keys(tmp_path, shards):
         # The re-clustering schedule went on from the checkpoint, not from the restart.
         key = "search/rebuilds"
         assert losses(killed, key) == losses(straight, key)
+
+
+def _checkpoint_files(run_dir: Path) -> list[tuple[str, int]]:
+    root = run_dir / "checkpoints"
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_ranks_exit_when_only_their_launcher_is_killed(tmp_path, shards):
+    run_dir = tmp_path / "orphans"
+    cfg = write_config(tmp_path, shards, run_dir, "train.max_steps=100000", "checkpoint.every=2",
+                       "logging.image_every=0")  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", "launch/accelerate/ddp.yaml", "launch/train.py", "--config", str(cfg)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    everything: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(run_dir) is None:
+            assert launcher.poll() is None, "the run ended before its launcher could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.05)
+        everything = descendants(launcher.pid)  # both ranks and their loader workers
+        assert sum("launch/train.py" in _cmdline(pid) for pid in everything) >= 2
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone, not its group or session
+        launcher.wait(timeout=30)
+        still = wait_gone(everything, timeout=15)
+        assert not still, f"processes outlived their launcher: {[_cmdline(p) for p in still]}"
+        # Nothing writes into the run directory any more.
+        before = _checkpoint_files(run_dir)
+        time.sleep(3)
+        assert _checkpoint_files(run_dir) == before
+    finally:
+        kill_pids([launcher.pid, *everything])  # whatever a failed check left running
+        launcher.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
