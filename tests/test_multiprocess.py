@@ -15,7 +15,7 @@ from process_helpers import descendants, kill_pids, kill_tree, wait_gone
 from safetensors.torch import load_file
 from training_helpers import ENV, ROOT, accelerate, losses, make_shards, run, write_config
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -60,31 +60,58 @@ def test_ddp_codebook_bit_identical_on_both_ranks(tmp_path, shards):
 
 # ZeRO-3 trains the codebook by gradient: its data init and restarts live in a buffer
 # (embed_offset), as DeepSpeed's partitioned master weights overwrite the parameter.
-@pytest.mark.parametrize(("stage", "codebook"), [("zero2", "ema"), ("zero3", "trained")])
+# Every stage runs in bf16, where the module's own weights are 16-bit copies.
+@pytest.mark.parametrize(
+    ("stage", "codebook"), [("zero1", "ema"), ("zero2", "ema"), ("zero3", "trained")]
+)
 def test_deepspeed_trains_checkpoints_resumes_exports(tmp_path, shards, stage, codebook):
     run_dir = tmp_path / stage
     ema = f"quantizer.ema={codebook == 'ema'}".lower()
     cfg = write_config(
         tmp_path, shards, run_dir, "train.max_steps=6", "checkpoint.every=3", *SYNC, ema
     )
-    accelerate(f"{stage}.yaml", "launch/train.py", "--config", str(cfg), "--stop-after", "3")
+    bf16 = ("--mixed_precision", "bf16")
+    accelerate(f"{stage}.yaml", "launch/train.py", "--config", str(cfg), "--stop-after", "3",
+               extra_launch=bf16)  # fmt: skip
     assert latest_checkpoint(run_dir).name == "step_00000003"
     dump = tmp_path / "dump"
-    accelerate(f"{stage}.yaml", DUMP, "--dump", str(dump), "--config", str(cfg))
+    accelerate(f"{stage}.yaml", DUMP, "--dump", str(dump), "--config", str(cfg),
+               extra_launch=bf16)  # fmt: skip
     assert sorted(losses(run_dir)) == list(range(1, 7))
-    _assert_identical_ranks(dump)
+    dumped = _assert_identical_ranks(dump)
+    assert int(dumped["restart_count"]) > 0 and bool(dumped["initialized"])
     release = tmp_path / "release"
     run("tools/export_tokenizer.py", "--run", str(run_dir), "--output", str(release))
     tok = Tokenizer.from_pretrained(release)
     codes = tok.encode(torch.rand(2, 3, 32, 32))
     assert codes.shape == (2, 8, 8) and int(codes.max()) < 64
-    # The released codebook is the trained one (fp32), not the initial one. (A trained
-    # codebook's parameter is partitioned under ZeRO-3: its dump holds the buffers.)
-    released = tok.model.quantizer.state_dict()
-    dumped = load_file(str(dump / "quantizer_rank0.safetensors"))
-    name = "embed" if codebook == "ema" else "embed_offset"
-    torch.testing.assert_close(released[name], dumped[name].to(released[name].dtype))
-    assert int(dumped["restart_count"]) > 0 and bool(dumped["initialized"])
+
+    # Every tensor of the release: parameters are DeepSpeed's fp32 master weights, read
+    # here independently from the checkpoint's optimizer shards; buffers are the ranks'.
+    checkpoint = latest_checkpoint(run_dir)
+    masters = _fp32_masters(checkpoint)
+    released = load_file(str(release / "model.safetensors"))
+    model = build_model(load_config(cfg))
+    params = {name for name, _ in model.named_parameters()}
+    buffers = {name for name, _ in model.named_buffers()}
+    assert set(released) == params | buffers == set(masters)
+    for name in sorted(params):
+        assert released[name].dtype == torch.float32, name
+        assert torch.equal(released[name], masters[name].float()), f"{name}: not the fp32 master"
+    for name in sorted(buffers):
+        local = dumped[name.removeprefix("quantizer.")]
+        assert released[name].dtype == local.dtype, name
+        assert torch.equal(released[name], local), f"{name}: not the ranks' buffer"
+    # The masters are not 16-bit values in disguise: bf16 weights would have lost bits.
+    assert any(not torch.equal(masters[n], masters[n].bfloat16().float()) for n in params)
+
+
+def _fp32_masters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own reading of a checkpoint's fp32 master weights (zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
 
 
 def test_two_nodes_on_loopback_end_identical(tmp_path, shards):
