@@ -6,10 +6,12 @@ import argparse
 import sys
 
 from tokenizer.config import ConfigError, load_config
+from tokenizer.lifecycle import exit_with_launcher
 from tokenizer.train import train
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_with_launcher()  # a rank never outlives its launcher
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--config",

@@ -23,7 +23,7 @@ def _children() -> dict[int, list[int]]:
     return children
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
@@ -31,25 +31,43 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has stopped running
 
 
-def kill_tree(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGKILL a launcher and all its descendants, and wait until none runs.
-
-    Killing the launcher's process group is not enough: torchrun (behind `accelerate
-    launch`) starts every rank in a session of its own, and orphaned ranks train on.
-    """
-    tree, todo = [], [proc.pid]
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), read from /proc."""
     children = _children()
+    found, todo = [], list(children.get(pid, []))
     while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    for pid in tree:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    proc.wait(timeout=timeout)
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait until none of `pids` runs; returns those still running at the timeout."""
     deadline = time.monotonic() + timeout
-    while any(_alive(pid) for pid in tree):
-        assert time.monotonic() < deadline, "killed processes still running"
+    while time.monotonic() < deadline:
+        running = [pid for pid in pids if alive(pid)]
+        if not running:
+            return []
         time.sleep(0.05)
+    return [pid for pid in pids if alive(pid)]
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL a launcher and all its descendants, and wait until none runs.
+
+    Killing the launcher's process group is not enough: torchrun (behind `accelerate
+    launch`) starts every rank in a session of its own.
+    """
+    tree = [proc.pid, *descendants(proc.pid)]
+    kill_pids(tree)
+    proc.wait(timeout=timeout)
+    assert not wait_gone(tree, timeout), "killed processes still running"

@@ -1,8 +1,9 @@
-"""Real multi-process training on CPU over gloo: DDP, DeepSpeed ZeRO-2/3, two 'nodes' on
-loopback, and a kill -9 mid-epoch. Every launch has a timeout, so a hang fails the test."""
+"""Real multi-process training on CPU over gloo: DDP, DeepSpeed ZeRO-1/2/3, two 'nodes' on
+loopback, a kill -9 mid-epoch, and ranks that die with their launcher. Every launch has a timeout, so a hang fails the test."""
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from process_helpers import kill_tree
+from process_helpers import descendants, kill_pids, kill_tree, wait_gone
 from safetensors.torch import load_file
 from training_helpers import ENV, ROOT, accelerate, losses, make_shards, run, write_config
 
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -59,31 +60,58 @@ def test_ddp_codebook_bit_identical_on_both_ranks(tmp_path, shards):
 
 # ZeRO-3 trains the codebook by gradient: its data init and restarts live in a buffer
 # (embed_offset), as DeepSpeed's partitioned master weights overwrite the parameter.
-@pytest.mark.parametrize(("stage", "codebook"), [("zero2", "ema"), ("zero3", "trained")])
+# Every stage runs in bf16, where the module's own weights are 16-bit copies.
+@pytest.mark.parametrize(
+    ("stage", "codebook"), [("zero1", "ema"), ("zero2", "ema"), ("zero3", "trained")]
+)
 def test_deepspeed_trains_checkpoints_resumes_exports(tmp_path, shards, stage, codebook):
     run_dir = tmp_path / stage
     ema = f"quantizer.ema={codebook == 'ema'}".lower()
     cfg = write_config(
         tmp_path, shards, run_dir, "train.max_steps=6", "checkpoint.every=3", *SYNC, ema
     )
-    accelerate(f"{stage}.yaml", "launch/train.py", "--config", str(cfg), "--stop-after", "3")
+    bf16 = ("--mixed_precision", "bf16")
+    accelerate(f"{stage}.yaml", "launch/train.py", "--config", str(cfg), "--stop-after", "3",
+               extra_launch=bf16)  # fmt: skip
     assert latest_checkpoint(run_dir).name == "step_00000003"
     dump = tmp_path / "dump"
-    accelerate(f"{stage}.yaml", DUMP, "--dump", str(dump), "--config", str(cfg))
+    accelerate(f"{stage}.yaml", DUMP, "--dump", str(dump), "--config", str(cfg),
+               extra_launch=bf16)  # fmt: skip
     assert sorted(losses(run_dir)) == list(range(1, 7))
-    _assert_identical_ranks(dump)
+    dumped = _assert_identical_ranks(dump)
+    assert int(dumped["restart_count"]) > 0 and bool(dumped["initialized"])
     release = tmp_path / "release"
     run("tools/export_tokenizer.py", "--run", str(run_dir), "--output", str(release))
     tok = Tokenizer.from_pretrained(release)
     codes = tok.encode(torch.rand(2, 3, 32, 32))
     assert codes.shape == (2, 8, 8) and int(codes.max()) < 64
-    # The released codebook is the trained one (fp32), not the initial one. (A trained
-    # codebook's parameter is partitioned under ZeRO-3: its dump holds the buffers.)
-    released = tok.model.quantizer.state_dict()
-    dumped = load_file(str(dump / "quantizer_rank0.safetensors"))
-    name = "embed" if codebook == "ema" else "embed_offset"
-    torch.testing.assert_close(released[name], dumped[name].to(released[name].dtype))
-    assert int(dumped["restart_count"]) > 0 and bool(dumped["initialized"])
+
+    # Every tensor of the release: parameters are DeepSpeed's fp32 master weights, read
+    # here independently from the checkpoint's optimizer shards; buffers are the ranks'.
+    checkpoint = latest_checkpoint(run_dir)
+    masters = _fp32_masters(checkpoint)
+    released = load_file(str(release / "model.safetensors"))
+    model = build_model(load_config(cfg))
+    params = {name for name, _ in model.named_parameters()}
+    buffers = {name for name, _ in model.named_buffers()}
+    assert set(released) == params | buffers == set(masters)
+    for name in sorted(params):
+        assert released[name].dtype == torch.float32, name
+        assert torch.equal(released[name], masters[name].float()), f"{name}: not the fp32 master"
+    for name in sorted(buffers):
+        local = dumped[name.removeprefix("quantizer.")]
+        assert released[name].dtype == local.dtype, name
+        assert torch.equal(released[name], local), f"{name}: not the ranks' buffer"
+    # The masters are not 16-bit values in disguise: bf16 weights would have lost bits.
+    assert any(not torch.equal(masters[n], masters[n].bfloat16().float()) for n in params)
+
+
+def _fp32_masters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own reading of a checkpoint's fp32 master weights (zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
 
 
 def test_two_nodes_on_loopback_end_identical(tmp_path, shards):
@@ -182,3 +210,45 @@ def test_kill_9_mid_epoch_then_resume_consumes_the_same_keys(tmp_path, shards):
         # The re-clustering schedule went on from the checkpoint, not from the restart.
         key = "search/rebuilds"
         assert losses(killed, key) == losses(straight, key)
+
+
+def _checkpoint_files(run_dir: Path) -> list[tuple[str, int]]:
+    root = run_dir / "checkpoints"
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_ranks_exit_when_only_their_launcher_is_killed(tmp_path, shards):
+    run_dir = tmp_path / "orphans"
+    cfg = write_config(tmp_path, shards, run_dir, "train.max_steps=100000", "checkpoint.every=2",
+                       "logging.image_every=0")  # fmt: skip
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", "launch/accelerate/ddp.yaml", "launch/train.py", "--config", str(cfg)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    everything: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while latest_checkpoint(run_dir) is None:
+            assert launcher.poll() is None, "the run ended before its launcher could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.05)
+        everything = descendants(launcher.pid)  # both ranks and their loader workers
+        assert sum("launch/train.py" in _cmdline(pid) for pid in everything) >= 2
+        os.kill(launcher.pid, signal.SIGKILL)  # the launcher alone, not its group or session
+        launcher.wait(timeout=30)
+        still = wait_gone(everything, timeout=15)
+        assert not still, f"processes outlived their launcher: {[_cmdline(p) for p in still]}"
+        # Nothing writes into the run directory any more.
+        before = _checkpoint_files(run_dir)
+        time.sleep(3)
+        assert _checkpoint_files(run_dir) == before
+    finally:
+        kill_pids([launcher.pid, *everything])  # whatever a failed check left running
+        launcher.wait(timeout=30)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -1,6 +1,7 @@
 """End to end: real training processes, exact resume, export, and loading in a fresh process."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -63,12 +64,30 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, shards, recipe):
     assert len(list((straight / "checkpoints").iterdir())) == 2
     assert (straight / "images" / "step_00000040.png").is_file()
     assert (straight / "config.yaml").is_file()
+    if not recipe:
+        _explicit_resume_keeps_the_newer_branch(straight, shards, tmp_path)
+
+
+def _explicit_resume_keeps_the_newer_branch(run_dir, shards, tmp_path) -> None:
+    """Resuming from an older checkpoint starts a branch: its pruning (keep_last=2)
+    leaves the other branch's newer step 40 alone, and resume=auto then continues it."""
+    older = run_dir / "checkpoints" / "step_00000030"
+    cfg = write_config(tmp_path, shards, run_dir, f"resume={older}", "train.max_steps=35")
+    proc = run("launch/train.py", "--config", str(cfg))
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["step_00000030", "step_00000035", "step_00000040"]
+    assert "step_00000040" in proc.stderr and "another branch" in proc.stderr
+    assert latest_checkpoint(run_dir).name == "step_00000035"
 
 
 def test_export_then_load_in_fresh_process(tmp_path, shards):
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path, shards, run_dir, "train.max_steps=6", "checkpoint.every=0")
-    run("launch/train.py", "--config", str(cfg))
+    # Evaluations at steps 3 and 6 and at the end, each of logging.eval_batches batches.
+    evals = ("logging.eval_every=3", "logging.eval_batches=1")
+    cfg = write_config(tmp_path, shards, run_dir, "train.max_steps=6", "checkpoint.every=0", *evals)
+    proc = run("launch/train.py", "--config", str(cfg))
+    # One batch of 8 of the 16 held-out images each time.
+    assert re.findall(r"on (\d+) held-out images", proc.stderr) == ["8", "8", "8"]
     release = tmp_path / "release"
     run("tools/export_tokenizer.py", "--run", str(run_dir), "--output", str(release))
     assert sorted(p.name for p in release.iterdir()) == ["config.json", "model.safetensors"]

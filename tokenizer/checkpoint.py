@@ -1,16 +1,35 @@
 """Training state, for resume (the release format is in release.py).
 
-A training checkpoint is a folder `run_dir/checkpoints/step_XXXXXXXX/`, written under a
-`.tmp` name and renamed once every rank has finished writing, so a killed run never
-leaves a checkpoint that looks complete but is not. It holds Accelerate's state (model,
-optimiser, per-rank RNG, registered objects such as the LR scheduler), `trainer.json`
-(the step), one `data_rank{r}.json` per rank (that rank's stream position) and, for a
-search backend with state (faiss-ivf), one `search_rank{r}.safetensors` per rank.
+A training checkpoint is a folder `run_dir/checkpoints/step_XXXXXXXX/` holding
+Accelerate's state (model, optimiser, per-rank RNG, registered objects such as the LR
+scheduler), `trainer.json` (step, generation, lineage), one `data_rank{r}.json` per rank
+(that rank's stream position), for a search backend with state (faiss-ivf) one
+`search_rank{r}.safetensors` per rank, and `model.safetensors`, the whole model in fp32
+(DeepSpeed's fp32 master weights under DeepSpeed).
+
+Crash safety. A checkpoint is written as `step_N.tmp`, fsynced (files and folders), then
+renamed into place; a `step_N` that already exists (a resume at the end re-saves its step)
+is first renamed `step_N.old` and deleted only once the new one is in place, and the
+parent folder is fsynced after the renames. A kill at any point leaves a complete copy of
+every checkpoint: `step_N`, or `step_N.old` when the kill fell between the two renames
+(then `step_N.old` counts as the checkpoint of step N). A `.tmp` never counts.
+
+Lineage. Every checkpoint gets a `generation`, one more than any generation in the run
+directory, and records the generations it descends from (`lineage`): those of the
+checkpoint the run resumed from and of the checkpoints it wrote before. `resume=auto`
+takes the checkpoint written last (the highest generation), so after an explicit resume
+from an older checkpoint it continues that branch. `keep_last` deletes only older
+checkpoints of the current lineage: another branch's checkpoints are never deleted (a
+warning names the newer ones), and when the new branch reaches a step another branch
+already saved, the other branch's folder is kept as `step_N.branch-gG` (G: its
+generation), out of resume's sight. Checkpoints written before generations existed have
+none and are never pruned.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,10 +41,17 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-CHECKPOINT_DIR = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+from tokenizer.engine import deepspeed_fp32_weights
 
-# Whole weights beside DeepSpeed's sharded state, in the release's file format.
+logger = logging.getLogger("tokenizer.checkpoint")
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_FILE = "trainer.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OLD_DIR = re.compile(r"^step_(\d{8})\.old$")  # the previous copy, mid-replacement
+_TMP_DIR = re.compile(r"^step_(\d{8})\.tmp$")  # a save in progress or interrupted
+
+# Whole weights of the checkpoint, in the release's file format.
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -36,33 +62,68 @@ class ResumedState:
     search_state: dict[str, torch.Tensor]  # this rank's search backend state, {} if absent
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    generation: int  # write order within the run directory; -1: written before generations
+    lineage: tuple[int, ...]  # generations this checkpoint descends from, oldest first
+
+
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp` folder is an interrupted save)."""
+def read_checkpoint_info(path: Path) -> CheckpointInfo:
+    meta = json.loads((path / TRAINER_FILE).read_text())
+    return CheckpointInfo(
+        path=path,
+        step=int(meta["step"]),
+        generation=int(meta.get("generation", -1)),
+        lineage=tuple(int(g) for g in meta.get("lineage", ())),
+    )
+
+
+def checkpoint_infos(run_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, in the order they were written (generation, then step)."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    found: dict[int, Path] = {}
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name) or _OLD_DIR.match(path.name)
+        if match is None or not (path / TRAINER_FILE).is_file():
+            continue
+        step = int(match.group(1))
+        # step_N wins over step_N.old: the .old is then a leftover being deleted.
+        if step not in found or _STEP_DIR.match(path.name):
+            found[step] = path
+    infos = [read_checkpoint_info(p) for p in found.values()]
+    return sorted(infos, key=lambda info: (info.generation, info.step))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest (first written) first."""
+    return [info.path for info in checkpoint_infos(run_dir)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint written last (not necessarily the highest step: see the lineage)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """`auto` -> newest checkpoint of run_dir (None when there is none); a path -> that path."""
+    """`auto` -> latest checkpoint of run_dir (None when there is none); a path -> that path."""
     if resume is None or resume in ("", "none", "None"):
         return None
     if resume == "auto":
         return latest_checkpoint(run_dir)
     path = Path(resume)
-    if not (path / "trainer.json").is_file():
-        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no trainer.json)")
+    if _TMP_DIR.match(path.name):
+        raise FileNotFoundError(f"resume={resume}: an interrupted save (.tmp), not a checkpoint")
+    if not (path / TRAINER_FILE).is_file():
+        raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no {TRAINER_FILE})")
     return path
 
 
@@ -74,43 +135,131 @@ def save_training_state(
     data_state: dict[str, Any],
     keep_last: int,
     search_state: dict[str, torch.Tensor] | None = None,
+    parent: Path | None = None,
 ) -> Path:
-    """Every rank calls this at the same step; returns the final checkpoint path."""
+    """Every rank calls this at the same step; returns the final checkpoint path.
+
+    parent: the checkpoint this state descends from (the one resumed from, or the run's
+    previous checkpoint); None for a fresh run.
+    """
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
+    meta: dict[str, Any] = {}
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(root)
+        tmp.mkdir()
+        meta = _new_meta(root, step, accelerator.num_processes, parent)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        # DeepSpeed writes its own sharded format; also keep whole weights (gathered
-        # across ranks under ZeRO-3, which every rank must join) so a release can be
-        # exported from any checkpoint without DeepSpeed.
-        weights = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-            save_file(tensors, str(tmp / WEIGHTS_FILE))
+        # DeepSpeed writes its own sharded format, with 16-bit module weights under
+        # bf16: also keep the whole fp32 master weights (every rank takes part in the
+        # gather) so a release can be exported from any checkpoint without DeepSpeed.
+        weights = deepspeed_fp32_weights(accelerator, model)
+        if weights is not None:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
     rank = accelerator.process_index
     _write_json(tmp / f"data_rank{rank}.json", data_state)
     if search_state:
         save_file(search_state, str(tmp / f"search_rank{rank}.safetensors"))
     if accelerator.is_main_process:
-        _write_json(tmp / "trainer.json", {"step": step, "world_size": accelerator.num_processes})
+        _write_json(tmp / TRAINER_FILE, meta)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:
+        _fsync_tree(tmp)  # once per node: what this node's ranks wrote is on disk
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _put_in_place(tmp, final, set(meta["lineage"]), parent)
+        _prune(root, read_checkpoint_info(final), keep_last)
     accelerator.wait_for_everyone()
     return final
 
 
+def _new_meta(root: Path, step: int, world_size: int, parent: Path | None) -> dict[str, Any]:
+    infos = checkpoint_infos(root.parent)
+    lineage: tuple[int, ...] = ()
+    if parent is not None and parent.resolve().parent == root.resolve():
+        # A checkpoint of another run directory has generations of its own: no lineage.
+        info = read_checkpoint_info(parent)
+        lineage = info.lineage + ((info.generation,) if info.generation >= 0 else ())
+    # Above every generation still named anywhere, so no lineage mistakes a new one for
+    # an ancestor.
+    named = [g for info in infos for g in (info.generation, *info.lineage)]
+    generation = max([*named, *lineage, 0]) + 1
+    return {
+        "step": step,
+        "world_size": world_size,
+        "generation": generation,
+        "lineage": list(lineage),
+        "parent": None if parent is None else parent.name,
+    }
+
+
+def _put_in_place(tmp: Path, final: Path, lineage: set[int], parent: Path | None) -> None:
+    """Rename the complete, fsynced tmp to final; a kill at any point leaves a complete
+    checkpoint of this step (final, or final.old) or no change at all."""
+    old = final.with_name(final.name + ".old")
+    current = final if (final / TRAINER_FILE).is_file() else None
+    if current is None and (old / TRAINER_FILE).is_file():
+        current = old  # a copy left by a save killed between the two renames
+    if current is not None and not _same_lineage(current, lineage, parent):
+        info = read_checkpoint_info(current)
+        kept = final.with_name(f"{final.name}.branch-g{info.generation}")
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(current, kept)
+        logger.warning(
+            "%s belonged to another branch (generation %d, not in this run's lineage): "
+            "kept as %s", final, info.generation, kept.name,
+        )  # fmt: skip
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # final is complete: any .old is a leftover
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _same_lineage(path: Path, lineage: set[int], parent: Path | None) -> bool:
+    if parent is not None and path.resolve() == parent.resolve():
+        return True
+    return read_checkpoint_info(path).generation in lineage
+
+
+def _prune(root: Path, newest: CheckpointInfo, keep_last: int) -> None:
+    """Keep the newest keep_last checkpoints of newest's lineage (newest included)."""
+    infos = checkpoint_infos(root.parent)
+    ancestors = set(newest.lineage)
+    mine = sorted((i for i in infos if i.generation in ancestors), key=lambda i: i.step)
+    if keep_last > 0:
+        for info in mine[: max(0, len(mine) - (keep_last - 1))]:
+            shutil.rmtree(info.path, ignore_errors=True)
+    others = [
+        i.path.name
+        for i in infos
+        if i.step > newest.step and i.generation not in ancestors and i.path != newest.path
+    ]
+    if others:
+        logger.warning(
+            "kept %s: saved at later steps by another branch of this run (not in the "
+            "lineage of %s); resume=auto continues this branch", ", ".join(others),
+            newest.path.name,
+        )  # fmt: skip
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Interrupted saves (.tmp) and .old copies whose replacement is in place."""
+    for path in root.iterdir():
+        if _TMP_DIR.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _OLD_DIR.match(path.name) and (root / path.name[: -len(".old")]).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def checkpoint_step(path: Path) -> int:
     """The training step a complete checkpoint was saved at."""
-    return int(json.loads((path / "trainer.json").read_text())["step"])
+    return read_checkpoint_info(path).step
 
 
 def load_training_state(accelerator, path: Path) -> ResumedState:
@@ -131,6 +280,26 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} in this checkpoint")
     weights = load_file(str(weights_file))
     return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file and folder under directory, the folders after their contents."""
+    for folder, _, files in os.walk(directory, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -65,3 +65,33 @@ def make_accelerator(cfg: Config) -> Accelerator:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.train.grad_clip
     return accelerator
+
+
+def deepspeed_fp32_weights(accelerator: Accelerator, engine) -> dict[str, torch.Tensor] | None:
+    """Every tensor of a DeepSpeed engine's model, whole: parameters from DeepSpeed's fp32
+    master weights, buffers as the module holds them (the codebook keeps its fp32).
+
+    Under bf16/fp16 the module's own parameters are 16-bit copies (and only a shard of
+    each under ZeRO-3); the fp32 masters live in the optimizer, partitioned across ranks
+    under ZeRO-1/2/3. Collective: every rank calls this at the same point; the main
+    process gets the weights on the CPU, the other ranks None.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    keep = accelerator.is_main_process
+    saved = set(module.state_dict().keys())  # persistent tensors only, as a state_dict has
+    weights: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        full = safe_get_full_fp32_param(param)  # (shape of param) fp32; gathers across ranks
+        if full is None:
+            # No master copy (a parameter the optimizer does not hold): its own value.
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                full = param.detach().clone()
+        if keep:
+            weights[name] = full.detach().to("cpu", copy=True).contiguous()
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        if keep and name in saved:
+            weights[name] = buffer.detach().to("cpu", copy=True).contiguous()
+    return weights if keep else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -89,12 +90,13 @@ def evaluate_shards(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
     max_batches: int = 0,
 ) -> EvalResult:
-    """Each rank evaluates its share of `shards` (all when max_batches is 0)."""
-    batches = (
-        b.images
-        for i, b in enumerate(iter_eval_batches(shards, resolution, batch_size, rank, world_size))
-        if not max_batches or i < max_batches
-    )
+    """Each rank evaluates its share of `shards`: its first `max_batches` batches, or all of
+    them when max_batches is 0. Reading stops there, so a periodic evaluation during
+    training decodes only what it scores."""
+    if max_batches < 0:
+        raise ValueError(f"max_batches={max_batches}: give 0 (every batch) or a positive count")
+    source = iter_eval_batches(shards, resolution, batch_size, rank, world_size)
+    batches = (b.images for b in islice(source, max_batches or None))
     if world_size > 1:
         empty = torch.zeros(0, 3, resolution, resolution, device=device)  # (0, 3, R, R)
         batches = lockstep(batches, empty, reduce_sum)

@@ -108,9 +108,13 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         stop_at,
     )
 
+    # The checkpoint the next one descends from: pruning deletes only this lineage's.
+    lineage_head = resume_from
+
     def checkpoint() -> Path:
+        nonlocal lineage_head
         log.flush()
-        return save_training_state(
+        lineage_head = save_training_state(
             accelerator,
             model,
             run_dir,
@@ -118,7 +122,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             stream.state_dict(),
             cfg.checkpoint.keep_last,
             search_state=core.quantizer.search.state_dict(),
+            parent=lineage_head,
         )
+        return lineage_head
 
     model.train()
     # Seeding the loader's workers draws from torch's RNG: kept out of the training

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer.data.index_verify import verify_index  # noqa: E402
+from tokenizer.lifecycle import exit_with_launcher  # noqa: E402
 from tokenizer.tokenize_corpus import (  # noqa: E402
     TokenizeOptions,
     default_num_workers,
@@ -94,6 +95,7 @@ def verify(index_dir: str, check_sources: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_with_launcher()  # a rank never outlives its launcher
     args = parse_args(argv)
     if args.verify:
         return verify(args.verify, not args.skip_sources)

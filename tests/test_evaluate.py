@@ -1,0 +1,108 @@
+"""Held-out evaluation reads only what it scores: max_batches bounds decoding, on one rank
+and on ranks in lockstep (threads standing in for processes)."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import write_test_shards
+
+import tokenizer.evaluate as evaluate_module
+from tokenizer import build_model, load_config
+from tokenizer.evaluate import evaluate_shards
+
+OVERRIDES = [
+    "model.channels=[8,16]",
+    "model.res_channels=8",
+    "quantizer.codebook_size=32",
+    "quantizer.code_dim=4",
+    "data.resolution=16",
+]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build_model(load_config(overrides=OVERRIDES))
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> dict[int, int]:
+    """rank -> images decoded for it: every batch drawn from the eval reader is counted."""
+    counts: dict[int, int] = {}
+    reader = evaluate_module.iter_eval_batches
+
+    def counting(shards, resolution, batch_size, rank=0, world_size=1):
+        counts.setdefault(rank, 0)
+        for batch in reader(shards, resolution, batch_size, rank, world_size):
+            counts[rank] += batch.images.shape[0]
+            yield batch
+
+    monkeypatch.setattr(evaluate_module, "iter_eval_batches", counting)
+    return counts
+
+
+def test_max_batches_stops_reading(tmp_path, model, decoded):
+    shards = write_test_shards(tmp_path / "eval", num_shards=5, per_shard=40).paths
+    result = evaluate_shards(model, shards, 16, batch_size=8, max_batches=1)
+    assert result.num_images == 8
+    assert decoded == {0: 8}  # not 200: the other 24 batches are never decoded
+    decoded.clear()
+    assert evaluate_shards(model, shards, 16, batch_size=8).num_images == 200
+    assert decoded == {0: 200}
+
+
+def test_negative_max_batches_is_refused(tmp_path, model):
+    shards = write_test_shards(tmp_path / "eval", num_shards=1, per_shard=2).paths
+    with pytest.raises(ValueError, match="max_batches=-1"):
+        evaluate_shards(model, shards, 16, batch_size=8, max_batches=-1)
+
+
+class _ThreadSum:
+    """reduce_sum across threads: each rank adds its tensor, all wait, all read the sum."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.parts: list[torch.Tensor | None] = [None] * world
+
+    def for_rank(self, rank: int):
+        def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+            self.parts[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(self.parts)
+            self.barrier.wait()  # nobody overwrites a part before everyone has summed
+            return total
+
+        return reduce_sum
+
+
+@pytest.mark.parametrize(("max_batches", "expected"), [(1, {0: 8, 1: 8}), (2, {0: 16, 1: 10})])
+def test_max_batches_in_lockstep_ends_on_every_rank(
+    tmp_path, model, decoded, max_batches, expected
+):
+    # 3 shards of 10: rank 0 reads two (20 images: batches 8, 8, 4), rank 1 one (8, 2).
+    shards = write_test_shards(tmp_path / "eval", num_shards=3, per_shard=10).paths
+    world = _ThreadSum(2)
+    results, errors = {}, []
+
+    def rank_main(rank: int) -> None:
+        try:
+            results[rank] = evaluate_shards(
+                copy.deepcopy(model), shards, 16, batch_size=8, rank=rank, world_size=2,
+                reduce_sum=world.for_rank(rank), max_batches=max_batches,
+            )  # fmt: skip
+        except BaseException as err:  # re-raised below
+            errors.append(err)
+            world.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a rank is still waiting in lockstep"
+    assert decoded == expected
+    total = sum(expected.values())
+    assert results[0].num_images == results[1].num_images == total

@@ -1,0 +1,65 @@
+"""A rank started by a launcher (torchrun, `accelerate launch`) dies with its launcher.
+
+torchrun's elastic agent starts every rank in a session of its own, so killing the
+launcher's process group (Ctrl-C in a lost shell, a scheduler killing the job's group)
+leaves orphaned ranks that train on and keep writing checkpoints into the run directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
+_POLL_SECONDS = 0.5
+_watching = False
+
+
+def launched_by_launcher() -> bool:
+    return any(name in os.environ for name in _LAUNCHER_ENV)
+
+
+def exit_with_launcher() -> bool:
+    """When this process is a launched rank, make it exit as soon as its parent (the
+    launcher) is gone; returns whether it was armed. Call first thing in main().
+
+    Two mechanisms: the kernel's parent-death signal (Linux prctl, SIGTERM on the death of
+    the parent thread), and a daemon thread that sees the parent pid change (the process
+    was re-parented) on any POSIX system, or when the signal was handled or ignored.
+    """
+    global _watching
+    if _watching or not launched_by_launcher() or os.name != "posix":
+        return _watching
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    threading.Thread(
+        target=_watch_parent, args=(parent,), name="exit-with-launcher", daemon=True
+    ).start()
+    _watching = True
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        _exit_orphaned(parent)
+    return True
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(_POLL_SECONDS)
+    _exit_orphaned(parent)
+
+
+def _exit_orphaned(parent: int) -> None:
+    print(
+        f"rank pid {os.getpid()}: launcher pid {parent} is gone; exiting",
+        file=sys.stderr,
+        flush=True,
+    )
+    # No cleanup: the launcher is dead, peers may be gone, a collective could hang forever.
+    # Checkpoints are written under a temporary name, so nothing half-written looks complete.
+    os._exit(143)
