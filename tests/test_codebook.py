@@ -157,6 +157,31 @@ class _MasterCopySGD:
             p.grad = None
 
 
+def test_idle_rule_and_usage_window_count_optimiser_steps_under_accumulation() -> None:
+    # Two forwards per optimiser step: an idle code is restarted after 2 steps = 4 forwards.
+    torch.manual_seed(0)
+    q = _fixed(LIVE, restart_unused_steps=2, forwards_per_step=2)
+    z = _grid(DATA, 2, 2)
+    for forward in (1, 2, 3):
+        q(z)
+        assert q.restart_count.item() == 0, forward
+    q(z)
+    assert q.restart_count.item() == 1 and q.last_restart.tolist() == [0, 0, 4]
+    stats = q.codebook_stats(window=1)
+    assert (stats.step, stats.forwards, stats.window) == (2, 4, 1)
+    # Forwards 5 and 6 make step 3: the codes of both micro-batches count in a window of
+    # one step. Forward 5 chooses code 0 (and 2 if its restart landed there), forward 6
+    # code 1 (and maybe 2): the last forward alone would miss code 0.
+    fifth = q(_grid(DATA[[0, 3, 0, 3]], 2, 2)).indices
+    sixth = q(_grid(DATA[[1, 2, 1, 2]], 2, 2)).indices
+    assert q.last_used.tolist()[:2] == [5, 6]
+    by_hand = len(set(fifth.flatten().tolist()) | set(sixth.flatten().tolist())) / 3
+    assert q.codebook_stats(window=1).usage == pytest.approx(by_hand)
+    assert by_hand > len(set(sixth.flatten().tolist())) / 3
+    with pytest.raises(ValueError, match="forwards_per_step"):
+        q.forwards_per_step = 0
+
+
 def test_trained_codebook_keeps_data_init_and_restarts_under_a_master_copy() -> None:
     torch.manual_seed(0)
     q = VectorQuantizer(3, 2, init="data", restart_unused_steps=2)
