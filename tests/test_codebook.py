@@ -78,6 +78,15 @@ def test_kmeans_spherical_and_too_few_points() -> None:
     assert torch.unique(padded, dim=0).shape[0] == 8
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_kmeans_with_more_vectors_than_codes_but_fewer_distinct(backend: str) -> None:
+    distinct = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    repeated = distinct[torch.arange(40) % 5]  # 40 vectors, 5 distinct, for 8 codes
+    centroids = kmeans(repeated, 8, iters=10, seed=0, backend=backend)
+    assert torch.unique(centroids, dim=0).shape[0] == 8
+    assert bool((centroids[:, None] == distinct[None]).all(-1).any(0).all())
+
+
 @pytest.mark.parametrize("faiss_installed", [True, False])
 def test_kmeans_init_beats_random_init(faiss_installed: bool, monkeypatch) -> None:
     if not faiss_installed:

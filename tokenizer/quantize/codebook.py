@@ -128,10 +128,10 @@ def kmeans(
     """
     generator = torch.Generator().manual_seed(seed)
     x = x.detach().float()
-    if x.shape[0] < k:
-        # Fewer vectors than codes: k-means cannot split N points into K > N clusters.
-        # Every distinct vector becomes a centroid and the missing ones are jittered
-        # copies, so no two codes are exact copies.
+    if x.shape[0] < k or torch.unique(x, dim=0).shape[0] < k:
+        # Fewer distinct vectors than codes (repeats: flat image regions encode alike):
+        # k-means cannot split them into K clusters. Every distinct vector becomes a
+        # centroid and the missing ones are jittered copies, so no two codes coincide.
         return distinct_rows(x, k, generator, spherical)
     if backend == "auto":
         usable = faiss_available() and (not x.is_cuda or faiss_has_gpu(import_faiss("auto")))
