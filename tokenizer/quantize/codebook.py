@@ -100,7 +100,8 @@ def sample_rows(flat: Tensor, num: int, generator: torch.Generator | None = None
 
 
 def dead_codes(usage_ema: Tensor, threshold: float) -> Tensor:
-    """Indices of codes whose EMA usage (assignments per step) fell under threshold."""
+    """Indices of codes whose EMA usage fell under threshold (both in units of the
+    uniform rate, 1 = N / K hits per forward)."""
     return torch.nonzero(usage_ema < threshold).flatten()  # (num_dead,)
 
 
