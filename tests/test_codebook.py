@@ -3,6 +3,7 @@ agreement and exact resume, checked on small problems with known answers."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from collective_helpers import run_ranks
 
 import tokenizer.quantize.quantizer as quantizer_module
 from tokenizer.config import load_config
@@ -63,14 +65,26 @@ def test_kmeans_spherical_and_too_few_points() -> None:
     points = _clustered(4, 32, dim=3, noise=0.1, seed=1)
     centroids = kmeans(points, 6, iters=10, seed=0, spherical=True)
     torch.testing.assert_close(centroids.norm(dim=1), torch.ones(6))
-    # 5 points for 8 codes: every point is a code, the 3 others are jittered copies.
+    # 5 points, one of them twice, for 8 codes: every point is a code once, the other 3
+    # are jittered copies, and no two codes are equal.
     few = torch.randn(5, 3)
-    padded = kmeans(few, 8, iters=10, seed=0)
+    padded = kmeans(torch.cat([few, few[:1]]), 8, iters=10, seed=0)
     assert padded.shape == (8, 3)
-    assert torch.equal(padded[:5], few)
-    gap = torch.cdist(padded[5:], few).min(dim=1).values  # (3,)
-    assert (gap > 0).all() and (gap < 0.05).all()
+    exact = (padded[:, None] == few[None]).all(-1)  # (8, 5)
+    assert exact.sum(dim=0).tolist() == [1] * 5  # each point is exactly one code
+    copies = padded[~exact.any(dim=1)]  # (3, 3)
+    gap = torch.cdist(copies, few).min(dim=1).values  # (3,)
+    assert copies.shape[0] == 3 and (gap > 0).all() and (gap < 0.05).all()
     assert torch.unique(padded, dim=0).shape[0] == 8
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_kmeans_with_more_vectors_than_codes_but_fewer_distinct(backend: str) -> None:
+    distinct = torch.randn(5, 3, generator=torch.Generator().manual_seed(2))
+    repeated = distinct[torch.arange(40) % 5]  # 40 vectors, 5 distinct, for 8 codes
+    centroids = kmeans(repeated, 8, iters=10, seed=0, backend=backend)
+    assert torch.unique(centroids, dim=0).shape[0] == 8
+    assert bool((centroids[:, None] == distinct[None]).all(-1).any(0).all())
 
 
 @pytest.mark.parametrize("faiss_installed", [True, False])
@@ -152,6 +166,31 @@ class _MasterCopySGD:
             p.grad = None
 
 
+def test_idle_rule_and_usage_window_count_optimiser_steps_under_accumulation() -> None:
+    # Two forwards per optimiser step: an idle code is restarted after 2 steps = 4 forwards.
+    torch.manual_seed(0)
+    q = _fixed(LIVE, restart_unused_steps=2, forwards_per_step=2)
+    z = _grid(DATA, 2, 2)
+    for forward in (1, 2, 3):
+        q(z)
+        assert q.restart_count.item() == 0, forward
+    q(z)
+    assert q.restart_count.item() == 1 and q.last_restart.tolist() == [0, 0, 4]
+    stats = q.codebook_stats(window=1)
+    assert (stats.step, stats.forwards, stats.window) == (2, 4, 1)
+    # Forwards 5 and 6 make step 3: the codes of both micro-batches count in a window of
+    # one step. Forward 5 chooses code 0 (and 2 if its restart landed there), forward 6
+    # code 1 (and maybe 2): the last forward alone would miss code 0.
+    fifth = q(_grid(DATA[[0, 3, 0, 3]], 2, 2)).indices
+    sixth = q(_grid(DATA[[1, 2, 1, 2]], 2, 2)).indices
+    assert q.last_used.tolist()[:2] == [5, 6]
+    by_hand = len(set(fifth.flatten().tolist()) | set(sixth.flatten().tolist())) / 3
+    assert q.codebook_stats(window=1).usage == pytest.approx(by_hand)
+    assert by_hand > len(set(sixth.flatten().tolist())) / 3
+    with pytest.raises(ValueError, match="forwards_per_step"):
+        q.forwards_per_step = 0
+
+
 def test_trained_codebook_keeps_data_init_and_restarts_under_a_master_copy() -> None:
     torch.manual_seed(0)
     q = VectorQuantizer(3, 2, init="data", restart_unused_steps=2)
@@ -205,85 +244,16 @@ def test_codebook_stats_match_a_hand_count() -> None:
     assert q.codebook_stats(window=2).usage == pytest.approx(2 / 4)
     assert q.codebook_stats(window=3).usage == pytest.approx(3 / 4)
     assert q.codebook_stats(window=50).usage == pytest.approx(3 / 4)
-    # usage_ema u <- u / 2 + n / 2 from 0: (.5, .5, 0, 0), (.25, 1.25, 0, 0), (.125, .625, 1, 0).
-    usage_ema = [0.125, 0.625, 1.0, 0.0]
+    # usage_ema is relative to the uniform rate (2 vectors / 4 codes = 0.5 hits), so the
+    # shares n * K / N are (2, 2, 0, 0), (0, 4, 0, 0), (0, 0, 4, 0); u <- u / 2 + share / 2
+    # from 0: (1, 1, 0, 0), (.5, 2.5, 0, 0), (.25, 1.25, 2, 0).
+    usage_ema = [0.25, 1.25, 2.0, 0.0]
     torch.testing.assert_close(q.usage_ema, torch.tensor(usage_ema))
     p = [u / sum(usage_ema) for u in usage_ema if u > 0]
     assert stats.perplexity == pytest.approx(math.exp(-sum(x * math.log(x) for x in p)))
 
 
 # --- several ranks -----------------------------------------------------------------------
-
-
-class _World:
-    """Shared state of a simulated process group: one thread per rank."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=60)
-        self.slots: list[torch.Tensor | None] = [None] * size
-
-
-class ThreadCollective:
-    """One rank's view of a _World: blocking collectives, like torch.distributed's.
-
-    Records every call (op, shape) and every result, so tests can compare ranks.
-    """
-
-    def __init__(self, world: _World, rank: int) -> None:
-        self.world, self.rank, self.world_size = world, rank, world.size
-        self.calls: list[tuple[str, tuple[int, ...]]] = []
-        self.results: list[tuple[str, torch.Tensor]] = []
-        self.sent: list[tuple[str, torch.Tensor]] = []
-
-    def _exchange(self, op: str, tensor: torch.Tensor) -> list[torch.Tensor]:
-        self.calls.append((op, tuple(tensor.shape)))
-        self.sent.append((op, tensor.clone()))
-        self.world.slots[self.rank] = tensor.clone()
-        self.world.barrier.wait()
-        parts = list(self.world.slots)
-        self.world.barrier.wait()  # nobody refills a slot before everyone has read it
-        assert all(p.shape == tensor.shape and p.dtype == tensor.dtype for p in parts), op
-        return parts
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        total = sum(self._exchange("all_reduce_sum", tensor))
-        self.results.append(("all_reduce_sum", total.clone()))
-        return tensor.copy_(total)
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        value = self._exchange("broadcast", tensor)[src]
-        self.results.append(("broadcast", value.clone()))
-        return tensor.copy_(value)
-
-    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
-        gathered = torch.cat(self._exchange("all_gather_cat", tensor))
-        self.results.append(("all_gather_cat", gathered.clone()))
-        return gathered
-
-
-def _run_ranks(quantizers: list[VectorQuantizer], batches: list[list[torch.Tensor]]) -> None:
-    """Step every rank's quantizer through its own batches, in lockstep threads."""
-    world = _World(len(quantizers))
-    for rank, q in enumerate(quantizers):
-        q.collective = ThreadCollective(world, rank)
-    errors: list[BaseException] = []
-
-    def work(rank: int) -> None:
-        try:
-            for z in batches[rank]:
-                quantizers[rank](z)
-        except BaseException as err:  # re-raised in the main thread
-            errors.append(err)
-            world.barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(quantizers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def _scale_quantizer(ema: bool = True) -> VectorQuantizer:
@@ -320,7 +290,7 @@ def test_two_ranks_with_different_batches_end_with_identical_codebooks(monkeypat
         [torch.randn(2, 6, 4, 4, generator=g) for _ in range(8)],
         [torch.randn(1 if i == 0 else 2, 6, 4, 4, generator=g) + 2.0 for i in range(8)],
     ]
-    _run_ranks(quantizers, batches)
+    run_ranks(quantizers, batches)
 
     q0, q1 = quantizers
     state0, state1 = q0.state_dict(), q1.state_dict()
@@ -398,10 +368,11 @@ def test_resume_from_state_dict_equals_uninterrupted_run(ema: bool) -> None:
 def test_codebook_config_trains_one_step(overlay: str, codebook_size: int) -> None:
     cfg = load_config(CONFIGS / "demo.yaml", CONFIGS / overlay)
     assert cfg.quantizer.codebook_size == codebook_size
-    try:
-        build_search(cfg.quantizer.search, cfg.quantizer.search_chunk)
-    except (ValueError, ImportError) as err:  # not implemented yet, or faiss not installed
-        pytest.skip(f"search backend {cfg.quantizer.search!r} not available: {err}")
+    # faiss-ivf needs faiss; "auto" falls back to exact torch search without it. Any other
+    # error building the search is a failure.
+    if cfg.quantizer.search == "faiss-ivf" and importlib.util.find_spec("faiss") is None:
+        pytest.skip("faiss-ivf needs faiss, which is not installed")
+    assert build_search(cfg.quantizer.search, cfg.quantizer.search_chunk) is not None
     torch.manual_seed(0)
     model = build_model(cfg)
     q = model.quantizer

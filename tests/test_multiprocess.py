@@ -25,7 +25,7 @@ DUMP = "tests/scripts/train_and_dump.py"
 # and the low-dimensional, l2-normalised lookup with its projections.
 SYNC = (
     "quantizer.init=data",
-    "quantizer.restart_threshold=2.0",
+    "quantizer.restart_threshold=0.125",  # 2 hits per step of the 16 a code gets on average
     "quantizer.restart_unused_steps=3",
     "quantizer.lookup_dim=4",
     "quantizer.l2_normalize=true",

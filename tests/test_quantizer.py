@@ -299,8 +299,9 @@ def test_data_init_puts_every_code_on_an_encoder_output(ema: bool) -> None:
     # vector is then its own nearest code, so the quantisation error is zero.
     assert out.indices.unique().numel() == 16
     if not ema:
+        # embed + offset = the vector, to fp32 rounding (the offset keeps embed untouched).
         gap = (q.codebook.detach()[:, None] - flat[None]).abs().amax(-1)  # (K, N)
-        assert gap.min(dim=1).values.max() == 0
+        assert gap.min(dim=1).values.max() < 1e-5
     # A second step does not re-initialise.
     snapshot = q.codebook.detach().clone()
     q(z * 0 + 100.0)
@@ -336,13 +337,14 @@ def test_restart_broadcasts_rank0_vectors() -> None:
             self.inputs.append(tensor.clone())
             return tensor.fill_(7.0)  # what rank 0 sent
 
-    # Usage after one step is at most 0.1 * 20 + 0.9 * 1 < 10: every code is dead.
-    q = _quantizer([[0.0, 0.0], [9.0, 9.0]], ema_decay=0.1, restart_threshold=10.0)
+    # The one vector picks code 0: shares (2, 0) of the uniform rate; from the grace
+    # 2 * 0.9 the usage is (0.18 + 1.8, 0.18): code 1 alone is under 0.9, dead.
+    q = _quantizer([[0.0, 0.0], [9.0, 9.0]], ema_decay=0.1, restart_threshold=0.9)
     q.collective = FixedBroadcast(q)
     q.train()
     q(_grid([[0.0, 0.1]], 1, 1))
     assert len(q.collective.inputs) == 1
-    assert torch.equal(q.codebook.detach(), torch.full((2, 2), 7.0))
+    assert q.codebook.detach().tolist() == [[0.0, 0.0], [7.0, 7.0]]
 
 
 # Lookup-space variants: l2-normalised codes, a low-dimensional lookup, and both.
@@ -447,3 +449,47 @@ def test_lookup_space_fp32_under_bf16_autocast() -> None:
         out = q(z)
     assert out.quantized.dtype == torch.float32 and out.commitment_loss.dtype == torch.float32
     assert q.embed.dtype == torch.float32 and q.embed_sum.dtype == torch.float32
+
+
+def _rows_present(vectors: torch.Tensor, codes: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+    """(N,) bool: which vectors (N, d) are (to rounding) one of the codes (K, d)."""
+    return (vectors[:, None] - codes[None]).abs().amax(-1).amin(1) <= tol
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_data_init_with_fewer_vectors_than_codes_gives_distinct_codes(ema: bool) -> None:
+    torch.manual_seed(0)
+    q = VectorQuantizer(256, 4, ema=ema, init="data")
+    flat = torch.randn(100, 4) * 2 + 1  # (N, d): 100 vectors for 256 codes
+    q._first_step(flat)  # the first step's initialisation alone (EMA would move codes)
+    codes = q.codebook.detach()  # (K, d)
+    assert torch.unique(codes, dim=0).shape[0] == 256  # no two codes coincide
+    assert bool(_rows_present(flat, codes).all())  # every data vector is a code
+    # The other 156 are jittered copies: next to a data vector, at none (to rounding).
+    extra = ~_rows_present(codes, flat)  # (K,)
+    gap = (codes[extra][:, None] - flat[None]).norm(dim=-1).amin(1)  # (156,) exact, no cdist
+    assert int(extra.sum()) == 156 and bool((gap > 0).all()) and bool((gap < 0.05).all())
+    # Distinct codes: a forward on the data vectors gives each of them its own code.
+    q.eval()
+    assert q(_grid(flat.tolist(), 10, 10)).indices.unique().numel() == 100
+
+
+def test_data_init_skips_repeated_vectors_and_jitters_a_constant_batch() -> None:
+    torch.manual_seed(0)
+    # 64 vectors, only 12 distinct (flat image regions encode alike), 16 codes.
+    distinct = torch.randn(12, 3)
+    flat = distinct[torch.arange(64) % 12]
+    q = VectorQuantizer(16, 3, ema=True, init="data")
+    q._first_step(flat)
+    assert torch.unique(q.codebook, dim=0).shape[0] == 16
+    assert bool(_rows_present(distinct, q.codebook, tol=0.0).all())
+    # Enough distinct vectors: every code is one of them, none twice.
+    q = VectorQuantizer(8, 3, ema=True, init="data")
+    q._first_step(flat)
+    assert torch.unique(q.codebook, dim=0).shape[0] == 8
+    assert bool(_rows_present(q.codebook, distinct, tol=0.0).all())
+    # One vector repeated, far from the origin: fp32 still keeps the copies apart.
+    q = VectorQuantizer(32, 3, ema=True, init="data")
+    q._first_step(torch.full((20, 3), 300.0))
+    assert torch.unique(q.codebook, dim=0).shape[0] == 32
+    assert (q.codebook - 300.0).abs().max() < 1.0

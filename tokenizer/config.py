@@ -55,9 +55,16 @@ class QuantizerConfig:
     # batch) or "kmeans" (k-means over the first encoder outputs).
     init: str = "random"
     kmeans_iters: int = 20
-    # A code whose EMA usage (assignments per step, decayed with ema_decay) falls under
-    # restart_threshold, or that no vector chose for restart_unused_steps steps, is
-    # restarted at a random recent encoder output; 0 disables each rule.
+    # Dead-code restarts: a code is moved onto a random recent encoder output when
+    # - restart_threshold, in [0, 1): its EMA usage (decayed with ema_decay every forward)
+    #   falls under this fraction of the uniform rate, the N / K hits a code gets when all
+    #   K codes share the N vectors of all ranks evenly. Relative, so one value means the
+    #   same on 1 or 64 ranks and at any batch size: 0.03 restarts codes used at under 3%
+    #   of the average rate;
+    # - restart_unused_steps: no vector of any rank chose it for this many training
+    #   (optimiser) steps, each of train.grad_accum_steps forwards. Scale it with the
+    #   vectors per step: a uniformly used code gets N / K hits per forward.
+    # 0 disables each rule. A new or restarted code starts at twice the threshold.
     restart_threshold: float = 0.0
     restart_unused_steps: int = 0
     # Nearest-neighbour backend: "torch" (exact, chunked), "faiss" (exact; GPU when the
@@ -97,6 +104,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    # AdamW's decoupled weight decay, applied to convolution and linear weights only
+    # (the quantizer's projections included); never to the codebook, biases, norm
+    # weights or any other 1-D parameter.
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     # "auto": what the launcher says (accelerate config or --mixed_precision), else "no" or "bf16".
@@ -211,7 +221,13 @@ def validate(cfg: Config) -> None:
             cfg.quantizer.search in ("torch", "faiss", "faiss-ivf", "auto"),
             "quantizer.search must be 'torch', 'faiss', 'faiss-ivf' or 'auto'",
         ),
-        (cfg.quantizer.restart_threshold >= 0, "quantizer.restart_threshold must be >= 0"),
+        (
+            0 <= cfg.quantizer.restart_threshold < 1,
+            "quantizer.restart_threshold must be in [0, 1): a fraction of the uniform rate "
+            f"N/K (got {cfg.quantizer.restart_threshold})",
+        ),
+        (cfg.quantizer.restart_unused_steps >= 0, "quantizer.restart_unused_steps must be >= 0"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (cfg.quantizer.lookup_dim >= 0, "quantizer.lookup_dim must be >= 0 (0: no projection)"),
         (0.0 < cfg.quantizer.ema_decay < 1.0, "quantizer.ema_decay must be in (0, 1)"),
         (len(cfg.model.channels) >= 1, "model.channels needs at least one entry"),

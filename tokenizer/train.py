@@ -61,7 +61,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     model = build_model(cfg)
     collective = current_collective()
     model.quantizer.collective = collective
-    optimizer, scheduler = build_optimizer(model.parameters(), cfg.train)
+    # Restart windows and codebook_stats count optimiser steps; the quantizer sees forwards.
+    model.quantizer.forwards_per_step = cfg.train.grad_accum_steps
+    optimizer, scheduler = build_optimizer(model, cfg.train)
     # The scheduler is not passed to prepare(): Accelerate would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)

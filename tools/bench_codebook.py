@@ -105,7 +105,7 @@ def restart_overrides(vectors_per_step: int, codebook_size: int) -> list[str]:
     rate = vectors_per_step / codebook_size
     return [
         f"quantizer.restart_unused_steps={max(2, round(10 / rate))}",
-        f"quantizer.restart_threshold={0.1 * rate:g}",
+        "quantizer.restart_threshold=0.1",  # a fraction of the uniform rate
     ]
 
 

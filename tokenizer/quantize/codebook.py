@@ -100,7 +100,8 @@ def sample_rows(flat: Tensor, num: int, generator: torch.Generator | None = None
 
 
 def dead_codes(usage_ema: Tensor, threshold: float) -> Tensor:
-    """Indices of codes whose EMA usage (assignments per step) fell under threshold."""
+    """Indices of codes whose EMA usage fell under threshold (both in units of the
+    uniform rate, 1 = N / K hits per forward)."""
     return torch.nonzero(usage_ema < threshold).flatten()  # (num_dead,)
 
 
@@ -128,12 +129,11 @@ def kmeans(
     """
     generator = torch.Generator().manual_seed(seed)
     x = x.detach().float()
-    if x.shape[0] < k:
-        # Fewer vectors than codes: k-means cannot split N points into K > N clusters.
-        # Every vector becomes a centroid and the missing K - N are vectors drawn again
-        # with replacement, jittered by a tiny noise so no two codes are exact copies
-        # (ties would leave one of each pair unused by construction).
-        return _pad_with_noise(x, k, generator, spherical)
+    if x.shape[0] < k or torch.unique(x, dim=0).shape[0] < k:
+        # Fewer distinct vectors than codes (repeats: flat image regions encode alike):
+        # k-means cannot split them into K clusters. Every distinct vector becomes a
+        # centroid and the missing ones are jittered copies, so no two codes coincide.
+        return distinct_rows(x, k, generator, spherical)
     if backend == "auto":
         usable = faiss_available() and (not x.is_cuda or faiss_has_gpu(import_faiss("auto")))
         backend = "faiss" if usable else "torch"
@@ -144,9 +144,27 @@ def kmeans(
     raise ValueError(f"unknown k-means backend {backend!r}; choices: auto, faiss, torch")
 
 
+def distinct_rows(x: Tensor, k: int, generator: torch.Generator, spherical: bool = False) -> Tensor:
+    """K codes (K, d) from candidate vectors x (N, d), no two of them equal.
+
+    With at least K distinct rows, K of them drawn without replacement; with fewer, every
+    distinct row once plus jittered copies of them drawn at random: two equal codes
+    would leave one of them unused by construction (the search picks the lower index).
+    """
+    unique = torch.unique(x.detach().float(), dim=0)  # (U, d), U <= N, sorted rows
+    if unique.shape[0] >= k:
+        return sample_rows(unique, k, generator)
+    return _pad_with_noise(unique, k, generator, spherical)
+
+
 def _pad_with_noise(x: Tensor, k: int, generator: torch.Generator, spherical: bool) -> Tensor:
+    """x's N distinct rows then K - N jittered copies of rows drawn again: (K, d)."""
     extra = sample_rows(x, k - x.shape[0], generator)  # (K - N, d)
-    scale = 1e-3 * x.std().clamp_min(1e-6)
+    # Jitter at a thousandth of the data's spread, or of its magnitude when every row is
+    # one vector (spread 0): big enough that fp32 keeps the copies apart, small enough
+    # that each copy stays next to its original.
+    spread = x.std(correction=0)
+    scale = 1e-3 * torch.maximum(spread, 1e-2 * x.abs().amax().clamp_min(1.0))
     noise = torch.randn(extra.shape, generator=generator).to(x.device) * scale
     centroids = torch.cat([x, extra + noise])  # (K, d)
     return l2_normalize_rows(centroids) if spherical else centroids

@@ -4,6 +4,7 @@ and the codebook's upkeep (EMA, data or k-means initialisation, dead-code restar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from tokenizer.quantize.codebook import (
     code_counts,
     code_sums,
     dead_codes,
+    distinct_rows,
     ema_update,
     idle_codes,
     kmeans,
@@ -29,6 +31,9 @@ from tokenizer.quantize.search import NearestNeighbourSearch, TorchSearch
 
 # k-means sees at most this many candidate vectors per code (faiss's own default cap).
 _KMEANS_POINTS_PER_CODE = 256
+# init=data gathers twice as many candidates as codes: room to drop repeated vectors
+# (flat image regions encode alike) and still start every code on a real one.
+_DATA_POINTS_PER_CODE = 2
 
 
 @dataclass
@@ -48,8 +53,9 @@ class CodebookStats:
     usage: float  # fraction of codes chosen at least once in the last `window` steps
     perplexity: float  # exp(entropy) of the EMA code usage: K when all codes are used evenly
     restarts: int  # codes restarted since training began
-    window: int  # the window `usage` was measured over, in training steps
-    step: int  # training steps the quantizer has seen
+    window: int  # the window `usage` was measured over, in training (optimiser) steps
+    step: int  # training steps the quantizer has seen (forwards // forwards_per_step)
+    forwards: int  # training forwards the quantizer has seen (micro-steps)
 
 
 class VectorQuantizer(nn.Module):
@@ -67,6 +73,12 @@ class VectorQuantizer(nn.Module):
     are summed before the update; k-means and restart candidates are gathered from all
     ranks and rank 0's choice is broadcast. No rank relies on DDP buffer broadcasts
     (which DeepSpeed never does).
+
+    Dead codes: `restart_threshold` is a fraction of the uniform rate (a code whose EMA
+    share of the vectors falls under threshold / K is restarted), so it means the same
+    for any batch size and number of ranks; `restart_unused_steps` and the window of
+    `codebook_stats` count training (optimiser) steps of `forwards_per_step` forwards
+    each (the gradient accumulation, set by the trainer).
     """
 
     embed: Tensor  # (K, d): an nn.Parameter, or an fp32 buffer under EMA
@@ -88,12 +100,23 @@ class VectorQuantizer(nn.Module):
         l2_normalize: bool = False,
         kmeans_iters: int = 20,
         restart_unused_steps: int = 0,
+        forwards_per_step: int = 1,
     ) -> None:
         super().__init__()
         if init not in ("random", "data", "kmeans"):
             raise ValueError(f"init must be 'random', 'data' or 'kmeans', got {init!r}")
         if lookup_dim < 0:
             raise ValueError(f"lookup_dim must be >= 0 (0: no projection), got {lookup_dim}")
+        if not 0.0 <= restart_threshold < 1.0:
+            raise ValueError(
+                f"restart_threshold must be in [0, 1): a fraction of the uniform rate "
+                f"(0: off; 1 would restart every code used less than average), "
+                f"got {restart_threshold}"
+            )
+        if restart_unused_steps < 0:
+            raise ValueError(
+                f"restart_unused_steps must be >= 0 (0: off), got {restart_unused_steps}"
+            )
         self.codebook_size = codebook_size
         self.code_dim = code_dim
         self.lookup_dim = lookup_dim
@@ -106,8 +129,10 @@ class VectorQuantizer(nn.Module):
         self.l2_normalize = l2_normalize
         self.restart_threshold = restart_threshold
         self.restart_unused_steps = restart_unused_steps
-        # Plain attributes, not submodules or buffers: the trainer swaps the collective
-        # after construction, and neither belongs in a state_dict.
+        # Plain attributes, not submodules or buffers: the trainer sets them after
+        # construction, and none belongs in a state_dict (a resumed run may change the
+        # accumulation: `step` counts forwards, which keep their meaning).
+        self.forwards_per_step = forwards_per_step
         self.search: NearestNeighbourSearch = search if search is not None else TorchSearch()
         self.collective: Collective = collective if collective is not None else LocalCollective()
 
@@ -142,12 +167,13 @@ class VectorQuantizer(nn.Module):
         # Set by the first training step: data/k-means init and the usage baseline happen
         # there, once, and a resumed run must not redo them.
         self.register_buffer("initialized", torch.tensor(False))
-        # EMA of global per-code assignments per step: the dead-code detector.
+        # EMA over forwards of each code's share of the vectors of all ranks, times K
+        # (1: the uniform rate, N_global / K hits): the dead-code detector.
         self.register_buffer("usage_ema", torch.zeros(codebook_size))  # (K,)
-        # Training steps seen (one per training forward: a micro-step under gradient
-        # accumulation, which restart_unused_steps counts too), and per code the step it was
-        # last chosen by any rank (0: never) and last (re)started: the idle-code detector
-        # and the windowed usage. Buffers, so a resumed run restarts the same codes.
+        # Training forwards seen (micro-steps under gradient accumulation), and per code
+        # the forward it was last chosen by any rank (0: never) and last (re)started: the
+        # idle-code detector and the windowed usage, which convert training steps to
+        # forwards. Buffers, so a resumed run restarts the same codes.
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.int64))
         self.register_buffer("last_restart", torch.zeros(codebook_size, dtype=torch.int64))
@@ -161,6 +187,17 @@ class VectorQuantizer(nn.Module):
             if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
                 self._buffers[name] = buffer.float()
         return self
+
+    @property
+    def forwards_per_step(self) -> int:
+        """Training forwards per optimiser step: the gradient accumulation."""
+        return self._forwards_per_step
+
+    @forwards_per_step.setter
+    def forwards_per_step(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"forwards_per_step must be an int >= 1, got {value!r}")
+        self._forwards_per_step = value
 
     @property
     def codebook(self) -> Tensor:
@@ -228,29 +265,39 @@ class VectorQuantizer(nn.Module):
         # x (N, d) fp32 lookup-space vectors of this rank.
         everything = torch.arange(self.codebook_size, device=x.device)
         if self.init == "data":
-            # Rank 0's draw is broadcast so all ranks agree.
-            start = self.collective.broadcast(sample_rows(x, self.codebook_size), src=0)
-            self._set_codes(everything, start)
+            self._set_codes(everything, self._data_codes(x))
         elif self.init == "kmeans":
             self._set_codes(everything, self._kmeans_codes(x))
         self.usage_ema.fill_(self._grace_usage())
         self.initialized.fill_(True)
 
+    def _data_codes(self, x: Tensor) -> Tensor:
+        """K distinct encoder outputs of all ranks (K, d), the same on every rank; with
+        fewer distinct vectors than codes, all of them plus jittered copies."""
+        pool = self._gather_sample(x, _DATA_POINTS_PER_CODE * self.codebook_size)  # (P, d)
+        spherical = self.l2_normalize
+        return self._on_rank0(
+            pool, lambda seed: distinct_rows(pool, self.codebook_size, _generator(seed), spherical)
+        )
+
     def _kmeans_codes(self, x: Tensor) -> Tensor:
         """K centroids (K, d) of the candidate vectors of all ranks, the same on every rank."""
         pool = self._gather_sample(x, _KMEANS_POINTS_PER_CODE * self.codebook_size)  # (P, d)
+        k, iters, spherical = self.codebook_size, self.kmeans_iters, self.l2_normalize
+        return self._on_rank0(pool, lambda seed: kmeans(pool, k, iters, seed, spherical=spherical))
+
+    def _on_rank0(self, pool: Tensor, make_codes: Callable[[int], Tensor]) -> Tensor:
+        """make_codes(seed) -> (K, d), computed on rank 0 and broadcast to every rank."""
         # Drawn from torch's RNG on every rank (so it follows run.seed and keeps the RNG
         # streams of all ranks in step); only rank 0's value is used.
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
         if self.collective.rank == 0:
-            centroids = kmeans(
-                pool, self.codebook_size, self.kmeans_iters, seed, spherical=self.l2_normalize
-            )  # (K, d)
+            codes = make_codes(seed).to(pool.device, torch.float32)  # (K, d)
         else:
-            centroids = pool.new_empty(self.codebook_size, pool.shape[1])
-        # Clustered once, on rank 0, then broadcast: no reliance on every rank's faiss
-        # build, thread count or GPU producing bit-identical centroids.
-        return self.collective.broadcast(centroids.contiguous(), src=0)
+            codes = pool.new_empty(self.codebook_size, pool.shape[1])
+        # Computed once, on rank 0, then broadcast: no reliance on every rank's faiss
+        # build, thread count or GPU producing bit-identical codes.
+        return self.collective.broadcast(codes.contiguous(), src=0)
 
     def _gather_sample(self, x: Tensor, want: int) -> Tensor:
         """Up to `want` distinct vectors (P, d) from all ranks, the same on every rank.
@@ -272,6 +319,9 @@ class VectorQuantizer(nn.Module):
         self.step += 1
         self.search.training_step()
         total_counts = self.collective.all_reduce_sum(counts.clone())  # (K,)
+        # Hits relative to the uniform rate N_global / K: the threshold then means the same
+        # whatever the batch size and the number of ranks.
+        share = total_counts * (self.codebook_size / total_counts.sum().clamp_min(1.0))  # (K,)
         if self.ema:
             total_sums = self.collective.all_reduce_sum(code_sums(x, indices, self.codebook_size))
             state = ema_update(
@@ -287,7 +337,7 @@ class VectorQuantizer(nn.Module):
             self.cluster_size.copy_(state.cluster_size)
             self.embed_sum.copy_(state.embed_sum)
             self.embed.copy_(state.codebook)
-        self.usage_ema.mul_(self.ema_decay).add_(total_counts, alpha=1.0 - self.ema_decay)
+        self.usage_ema.mul_(self.ema_decay).add_(share, alpha=1.0 - self.ema_decay)
         self.last_used.masked_fill_(total_counts > 0, self.step)
         # Both detectors read only state built from global counts, so every rank finds
         # the same dead codes and joins the same collectives below.
@@ -300,15 +350,15 @@ class VectorQuantizer(nn.Module):
         if self.restart_threshold > 0:
             dead[dead_codes(self.usage_ema, self.restart_threshold)] = True
         if self.restart_unused_steps > 0:
-            idle = idle_codes(
-                self.last_used, self.last_restart, self.step, self.restart_unused_steps
-            )
+            forwards = self.restart_unused_steps * self.forwards_per_step
+            idle = idle_codes(self.last_used, self.last_restart, self.step, forwards)
             dead[idle] = True
         return torch.nonzero(dead).flatten()  # (num_dead,) ascending
 
     def _restart(self, dead: Tensor, x: Tensor) -> None:
         """Move dead codes (M,) onto recent encoder outputs of all ranks."""
-        pool = self._gather_sample(x, dead.numel())  # (P, d), P <= M rounded up to ranks
+        # Repeated vectors (flat image regions) would restart several codes on one point.
+        pool = torch.unique(self._gather_sample(x, dead.numel()), dim=0)  # (P, d), P <= M + ranks
         num = min(dead.numel(), pool.shape[0])
         # Rank 0 draws, everyone takes its draw. When candidates run short (a small
         # batch, many dead codes) the lowest-numbered dead codes go first; the others
@@ -319,7 +369,7 @@ class VectorQuantizer(nn.Module):
 
     def _grace_usage(self) -> float:
         # A new or restarted code starts at twice the threshold: with decay g it has about
-        # ln(2) / (1 - g) steps (69 at g = 0.99) to attract data before it is restarted.
+        # ln(2) / (1 - g) forwards (69 at g = 0.99) to attract data before it is restarted.
         return 2.0 * self.restart_threshold
 
     def _set_codes(self, which: Tensor, vectors: Tensor) -> None:
@@ -339,17 +389,19 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def codebook_stats(self, window: int) -> CodebookStats:
-        """Codebook health over the last `window` training steps; needs no collective
-        (the state behind it is built from counts summed over all ranks)."""
+        """Codebook health over the last `window` training (optimiser) steps, i.e. the
+        last window * forwards_per_step forwards; needs no collective (the state behind
+        it is built from counts summed over all ranks)."""
         if window < 1:
             raise ValueError(f"window must be at least one step, got {window}")
-        step = int(self.step.item())
+        forwards = int(self.step.item())
         return CodebookStats(
-            usage=window_usage(self.last_used, step, window).item(),
+            usage=window_usage(self.last_used, forwards, window * self.forwards_per_step).item(),
             perplexity=perplexity(self.usage_ema).item(),
             restarts=int(self.restart_count.item()),
             window=window,
-            step=step,
+            step=forwards // self.forwards_per_step,
+            forwards=forwards,
         )
 
     def lookup(self, indices: Tensor) -> Tensor:
@@ -365,6 +417,10 @@ class VectorQuantizer(nn.Module):
             f"lookup_dim={self.lookup_dim}, l2_normalize={self.l2_normalize}, "
             f"beta={self.beta}, ema={self.ema}, init={self.init!r}"
         )
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
