@@ -25,7 +25,6 @@ from accelerate.utils import InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
 from tokenizer.api import Tokenizer
-from tokenizer.data.images import check_shards_exist, expand_shards
 from tokenizer.data.index_format import (
     MANIFEST,
     GridSpec,
@@ -40,6 +39,7 @@ from tokenizer.data.index_format import (
 )
 from tokenizer.data.index_sink import EncodedBatch, IndexSink
 from tokenizer.data.index_writer import completed_record, remove_stale_temporaries
+from tokenizer.data.shard_specs import resolve_shards
 from tokenizer.data.source_batches import SourceBatch, SourceShards
 from tokenizer.data.transforms import eval_preprocessing
 from tokenizer.progress import ImageProgress
@@ -87,10 +87,7 @@ def make_accelerator() -> Accelerator:
 
 
 def _plan(options: TokenizeOptions, tok: Tokenizer) -> _Plan:
-    sources = [os.path.abspath(p) for p in expand_shards(options.inputs)]
-    if not sources:
-        raise ValueError("no input shards (the pattern expands to nothing)")
-    check_shards_exist(sources)
+    sources = [os.path.abspath(p) for p in resolve_shards(options.inputs, "--input", required=True)]
     names = [output_name(s) for s in sources]
     if len(set(names)) != len(names):
         seen: dict[str, str] = {}
