@@ -91,9 +91,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         world_size=accelerator.num_processes,
         state=data_state,
     )
-    log = TrainLog(cfg, accelerator, core.codebook_size)
-    preview = _preview_images(cfg, eval_shards)
     stop_at = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
+    log = TrainLog(cfg, accelerator, core.codebook_size, start_step=step, end_step=stop_at)
+    preview = _preview_images(cfg, eval_shards)
     logger.info(
         "training %s: %d params, %d ranks x batch %d x accum %d, steps %d -> %d",
         cfg.model.arch,
