@@ -207,3 +207,14 @@ def test_zero_means_off_where_documented():
         ]
     )
     assert (cfg.checkpoint.every, cfg.logging.eval_every, cfg.data.num_workers) == (0, 0, 0)
+
+
+def test_shipped_configs_name_shards_where_make_shards_writes_them():
+    # make_shards --input writes OUTPUT/000000.tar ...; --sample-images writes
+    # OUTPUT/train/... and OUTPUT/eval/...: a shipped pattern names such a folder.
+    paper = load_config(ROOT / "configs/vqvae_paper.yaml")
+    assert paper.data.train_shards == "data/imagenet/train/*.tar"
+    assert paper.data.eval_shards is None  # optional: set it to your held-out shards
+    demo = load_config(ROOT / "configs/demo.yaml")
+    assert demo.data.train_shards == "data/demo/train/{000000..000007}.tar"
+    assert demo.data.eval_shards == "data/demo/eval/{000000..000001}.tar"

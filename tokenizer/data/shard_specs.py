@@ -30,6 +30,8 @@ def describe_spec(spec: Any) -> str:
     if isinstance(spec, str | Path):
         return repr(str(spec))
     entries = [str(e) for e in spec]
+    if len(entries) == 1:  # e.g. one --input pattern (argparse's nargs="+" makes a list)
+        return repr(entries[0])
     shown = ", ".join(repr(e) for e in entries[:3])
     return f"[{shown}{', ...' if len(entries) > 3 else ''}]"
 
@@ -86,8 +88,10 @@ def check_shards_exist(paths: Sequence[str], what: str = "shards") -> None:
     shards are required (train) or optional (eval) is the caller's call."""
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        shown = ", ".join(missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        # When nothing is there, a few names show the pattern; else list what lacks.
+        limit = 3 if len(missing) == len(paths) else 10
+        shown = ", ".join(missing[:limit])
+        more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
         raise ShardSpecError(
             f"{what}: {len(missing)} of {len(paths)} shards missing: {shown}{more}"
             f"{_missing_folder(missing[0])}"
