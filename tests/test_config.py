@@ -120,8 +120,21 @@ def test_resume_no_means_no_resume(tmp_path):
     assert load_config(path).resume is None
 
 
+def test_eval_shards_no_means_no_eval_shards():
+    assert (
+        load_config(overrides=["data.eval_shards=a.tar", "data.eval_shards=no"]).data.eval_shards
+        is None
+    )
+
+
 @pytest.mark.parametrize(
-    "override", ["train.mixed_precision=yes", "run.dir=on", "distributed.on_mismatch=off"]
+    "override",
+    [
+        "train.mixed_precision=yes",
+        "run.dir=on",
+        "distributed.on_mismatch=off",
+        "data.train_shards=no",
+    ],
 )
 def test_a_boolean_where_a_string_is_expected_is_refused_naming_the_key(override):
     key = override.split("=")[0]

@@ -94,6 +94,9 @@ def test_missing_shards_name_the_key_and_the_spec(tmp_path):
     assert f"{tmp_path}/000001.tar, {tmp_path}/000002.tar" in message
     assert "no folder" not in message  # the folder exists, the files do not
     assert resolve_shards(present, "data.eval_shards", required=False) == [present]
+    # One pattern in a list (argparse's nargs="+") is shown as the pattern itself.
+    with pytest.raises(ShardSpecError, match=rf"^--input='{tmp_path}/x\.tar': 1 of 1 shards"):
+        resolve_shards([f"{tmp_path}/x.tar"], "--input", required=True)
 
 
 def test_missing_shards_are_still_file_not_found_errors(tmp_path):

@@ -177,8 +177,10 @@ def _string_keys(cls: type = Config, prefix: str = "") -> list[str]:
 _BOOLEAN_MEANINGS: dict[str, dict[bool, str | None]] = {
     "train.mixed_precision": {False: "no"},
     "resume": {False: None},
+    "data.eval_shards": {False: None},
 }
-_STRING_KEYS = _string_keys()
+# Shard specs are typed Any (a string or a list), but a boolean is never one.
+_STRING_KEYS = [*_string_keys(), "data.train_shards", "data.eval_shards"]
 
 
 def _translate_booleans(loaded: DictConfig, source: str) -> DictConfig:
