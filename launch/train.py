@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from tokenizer.config import ConfigError, load_config
+from tokenizer.data.shard_specs import ShardSpecError
 from tokenizer.lifecycle import exit_with_launcher
 from tokenizer.train import train
 
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    train(cfg, stop_after=args.stop_after)
+    try:
+        train(cfg, stop_after=args.stop_after)
+    except ShardSpecError as err:  # raised before any training: no traceback needed
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

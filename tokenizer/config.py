@@ -6,9 +6,10 @@ Users script against these key names; renaming one is a breaking change.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -168,11 +169,54 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {kind} '{key}': {first_line}")
 
 
+def _string_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Dotted names of every str-valued key (str or str | None)."""
+    keys: list[str] = []
+    for name, hint in get_type_hints(cls).items():
+        if is_dataclass(hint):
+            keys.extend(_string_keys(hint, f"{prefix}{name}."))
+        elif hint is str or hint == (str | None):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+# YAML 1.1 reads yes/no/on/off/true/false as booleans, in files and in `key=value`
+# overrides alike (`train.mixed_precision=no` arrives as False). Where a boolean has an
+# obvious meaning it is translated; anywhere else a string is expected it is refused
+# rather than silently becoming the string "False".
+_BOOLEAN_MEANINGS: dict[str, dict[bool, str | None]] = {
+    "train.mixed_precision": {False: "no"},
+    "resume": {False: None},
+    "data.eval_shards": {False: None},
+}
+# Shard specs are typed Any (a string or a list), but a boolean is never one.
+_STRING_KEYS = [*_string_keys(), "data.train_shards", "data.eval_shards"]
+
+
+def _translate_booleans(loaded: DictConfig, source: str) -> DictConfig:
+    for key in _STRING_KEYS:
+        try:
+            value = OmegaConf.select(loaded, key, default=None)
+        except OmegaConfBaseException:
+            continue  # a malformed section: the merge reports it with its key
+        if not isinstance(value, bool):
+            continue
+        meanings = _BOOLEAN_MEANINGS.get(key, {})
+        if value not in meanings:
+            raise ConfigError(
+                f"{source}: '{key}' takes a string, but YAML read the value as the boolean "
+                f"{value} (yes/no/on/off/true/false are booleans in YAML): quote it "
+                f"(in a file: '...'; on the command line: {key}=\"'...'\")"
+            )
+        OmegaConf.update(loaded, key, meanings[value], merge=False)
+    return loaded
+
+
 def load_config(*yaml_files: str | os.PathLike, overrides: list[str] | None = None) -> Config:
     """Merge YAML files (later wins) then `a.b=value` overrides onto the defaults.
 
-    An unknown key or a value of the wrong type raises ConfigError naming the key and
-    the file or override it came from.
+    An unknown key, a value of the wrong type or out of its range raises ConfigError
+    naming the key (and, for the first two, the file or override it came from).
     """
     merged: DictConfig = OmegaConf.structured(Config)
     for path in yaml_files:
@@ -183,6 +227,8 @@ def load_config(*yaml_files: str | os.PathLike, overrides: list[str] | None = No
             loaded = OmegaConf.load(path)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if isinstance(loaded, DictConfig):
+            loaded = _translate_booleans(loaded, str(path))
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as err:
@@ -190,57 +236,116 @@ def load_config(*yaml_files: str | os.PathLike, overrides: list[str] | None = No
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
+        source = f"override {item!r}"
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            loaded = _translate_booleans(OmegaConf.from_dotlist([item]), source)
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as err:
-            raise _explain(err, f"override {item!r}") from None
+            raise _explain(err, source) from None
     cfg = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
 
 
+@dataclass(frozen=True)
+class _Rule:
+    key: str  # dotted, as the user types it
+    ok: Callable[[Any], bool]
+    requirement: str  # completes "<key> must be ..."
+
+
+def _at_least(least: float, note: str = "") -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= least), f">= {least}{note}"
+
+
+def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    names = [repr(c) for c in choices]
+    return (lambda v: v in choices), "one of " + ", ".join(names)
+
+
+def _rule(key: str, check: tuple[Callable[[Any], bool], str]) -> _Rule:
+    return _Rule(key, *check)
+
+
+_RULES = [
+    _rule("run.seed", _at_least(0)),
+    _rule("model.in_channels", _at_least(1)),
+    _rule(
+        "model.channels",
+        ((lambda v: len(v) >= 1 and min(v) >= 1), "a non-empty list of widths >= 1"),
+    ),
+    _rule("model.num_res_blocks", _at_least(0)),
+    _rule("model.res_channels", _at_least(1)),
+    _rule("quantizer.codebook_size", _at_least(1)),
+    _rule("quantizer.code_dim", _at_least(1)),
+    _rule("quantizer.lookup_dim", _at_least(0, " (0: no projection)")),
+    _rule("quantizer.beta", _at_least(0)),
+    _rule("quantizer.ema_decay", ((lambda v: 0.0 < v < 1.0), "in (0, 1)")),
+    _rule("quantizer.ema_epsilon", ((lambda v: v > 0), "> 0")),
+    _rule("quantizer.init", _one_of("random", "data", "kmeans")),
+    _rule("quantizer.kmeans_iters", _at_least(1)),
+    _rule(
+        "quantizer.restart_threshold",
+        ((lambda v: 0 <= v < 1), "in [0, 1): a fraction of the uniform rate N/K (0: off)"),
+    ),
+    _rule("quantizer.restart_unused_steps", _at_least(0, " (0: off)")),
+    _rule("quantizer.search", _one_of("torch", "faiss", "faiss-ivf", "auto")),
+    _rule("quantizer.search_chunk", _at_least(0, " (0: automatic)")),
+    _rule("quantizer.ivf_nlist", _at_least(0, " (0: about 4 sqrt(K))")),
+    _rule("quantizer.ivf_nprobe", _at_least(1)),
+    _rule("quantizer.ivf_rebuild_every", _at_least(0, " (0: never rebuild)")),
+    _rule("quantizer.ivf_recall_samples", _at_least(0, " (0: recall not measured)")),
+    _rule("data.resolution", _at_least(1)),
+    _rule("data.num_workers", _at_least(0, " (0: load in the training process)")),
+    _rule("data.shuffle_buffer", _at_least(0, " (0 or 1: no shuffle)")),
+    _rule("data.prefetch_factor", _at_least(1)),
+    _rule("train.max_steps", _at_least(1)),
+    _rule("train.batch_size", _at_least(1)),
+    _rule("train.grad_accum_steps", _at_least(1)),
+    _rule("train.lr", ((lambda v: v > 0), "> 0")),
+    _rule("train.min_lr_ratio", ((lambda v: 0.0 <= v <= 1.0), "in [0, 1]")),
+    _rule("train.warmup_steps", _at_least(0)),
+    _rule(
+        "train.betas",
+        ((lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v)), "two values in [0, 1)"),
+    ),
+    _rule("train.weight_decay", _at_least(0)),
+    _rule("train.grad_clip", _at_least(0, " (0: no clipping)")),
+    # fp16 is not offered: it needs loss scaling, which nothing here has been tested
+    # with; bf16 keeps fp32's range.
+    _rule("train.mixed_precision", _one_of("auto", "no", "bf16")),
+    _rule("loss.reconstruction", _one_of("mse", "l1")),
+    _rule("logging.every", _at_least(1)),
+    _rule("logging.image_every", _at_least(0, " (0: no previews)")),
+    _rule("logging.num_images", _at_least(0)),
+    _rule("logging.eval_every", _at_least(0, " (0: evaluate only at the end)")),
+    _rule("logging.eval_batches", _at_least(0, " (0: the whole eval set)")),
+    _rule("checkpoint.every", _at_least(0, " (0: only at the end)")),
+    _rule("checkpoint.keep_last", _at_least(0, " (0: keep all)")),
+    _rule("distributed.check_every", _at_least(0, " (0: off)")),
+    _rule("distributed.on_mismatch", _one_of("strict", "repair")),
+]
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def validate(cfg: Config) -> None:
-    """Checks that types alone cannot express."""
-    checks = [
-        (
-            cfg.train.mixed_precision in ("auto", "no", "bf16"),
-            "train.mixed_precision must be 'auto', 'no' or 'bf16'",
-        ),
-        (
-            cfg.distributed.on_mismatch in ("strict", "repair"),
-            "distributed.on_mismatch must be 'strict' or 'repair'",
-        ),
-        (cfg.loss.reconstruction in ("mse", "l1"), "loss.reconstruction must be 'mse' or 'l1'"),
-        (cfg.quantizer.codebook_size > 0, "quantizer.codebook_size must be positive"),
-        (cfg.quantizer.code_dim > 0, "quantizer.code_dim must be positive"),
-        (
-            cfg.quantizer.init in ("random", "data", "kmeans"),
-            "quantizer.init must be 'random', 'data' or 'kmeans'",
-        ),
-        (
-            cfg.quantizer.search in ("torch", "faiss", "faiss-ivf", "auto"),
-            "quantizer.search must be 'torch', 'faiss', 'faiss-ivf' or 'auto'",
-        ),
-        (
-            0 <= cfg.quantizer.restart_threshold < 1,
-            "quantizer.restart_threshold must be in [0, 1): a fraction of the uniform rate "
-            f"N/K (got {cfg.quantizer.restart_threshold})",
-        ),
-        (cfg.quantizer.restart_unused_steps >= 0, "quantizer.restart_unused_steps must be >= 0"),
-        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (cfg.quantizer.lookup_dim >= 0, "quantizer.lookup_dim must be >= 0 (0: no projection)"),
-        (0.0 < cfg.quantizer.ema_decay < 1.0, "quantizer.ema_decay must be in (0, 1)"),
-        (len(cfg.model.channels) >= 1, "model.channels needs at least one entry"),
-        (cfg.train.batch_size > 0, "train.batch_size must be positive"),
-        (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
-        (
-            cfg.data.resolution % 2 ** len(cfg.model.channels) == 0,
-            "data.resolution must be divisible by the downsampling factor 2**len(model.channels)",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Range checks that types alone cannot express, one message per key."""
+    for rule in _RULES:
+        value = _get(cfg, rule.key)
+        if not rule.ok(value):
+            raise ConfigError(f"{rule.key} must be {rule.requirement}, got {value!r}")
+    factor = 2 ** len(cfg.model.channels)
+    if cfg.data.resolution % factor:
+        raise ConfigError(
+            f"data.resolution must be divisible by the downsampling factor "
+            f"2**len(model.channels) = {factor}, got {cfg.data.resolution}"
+        )
 
 
 def to_yaml(cfg: Config) -> str:

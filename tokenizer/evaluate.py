@@ -33,9 +33,10 @@ def evaluate(
     images: Iterable[torch.Tensor],
     device: torch.device | str = "cpu",
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """images: batches (B, 3, H, W) in [-1, 1]. `reduce_sum` sums a tensor over ranks, so
-    every rank returns the global result."""
+    every rank returns the global result; `on_batch(B)` follows each batch (progress)."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(model.codebook_size, device=device)  # (K,)
@@ -50,6 +51,8 @@ def evaluate(
             ssim_sum += ssim_per_image(batch, out.reconstruction).sum()
         num_images += batch.shape[0]
         counts += out.quantizer.counts  # (K,) this batch's, computed by the quantizer
+        if on_batch is not None:
+            on_batch(batch.shape[0])
     model.train(was_training)
     counts, num_images = reduce_sum(counts), reduce_sum(num_images)
     psnr_sum, ssim_sum = reduce_sum(psnr_sum), reduce_sum(ssim_sum)
@@ -89,6 +92,7 @@ def evaluate_shards(
     world_size: int = 1,
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
     max_batches: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Each rank evaluates its share of `shards`: its first `max_batches` batches, or all of
     them when max_batches is 0. Reading stops there, so a periodic evaluation during
@@ -100,4 +104,4 @@ def evaluate_shards(
     if world_size > 1:
         empty = torch.zeros(0, 3, resolution, resolution, device=device)  # (0, 3, R, R)
         batches = lockstep(batches, empty, reduce_sum)
-    return evaluate(model, batches, device, reduce_sum)
+    return evaluate(model, batches, device, reduce_sum, on_batch)

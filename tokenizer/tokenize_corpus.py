@@ -30,7 +30,6 @@ from accelerate.utils import InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
 from tokenizer.api import Tokenizer
-from tokenizer.data.images import check_shards_exist, expand_shards
 from tokenizer.data.index_duplicates import DuplicateKeysError, find_duplicates
 from tokenizer.data.index_existing import check_no_strays, index_inputs
 from tokenizer.data.index_format import (
@@ -48,6 +47,7 @@ from tokenizer.data.index_format import (
 )
 from tokenizer.data.index_sink import EncodedBatch, IndexSink
 from tokenizer.data.index_writer import completed_record, remove_stale_temporaries
+from tokenizer.data.shard_specs import check_shards_exist, resolve_shards
 from tokenizer.data.source_batches import SourceBatch, SourceShards
 from tokenizer.data.transforms import eval_preprocessing
 from tokenizer.progress import ImageProgress
@@ -125,10 +125,9 @@ def _check_names(sources: list[str], names: list[str], earlier: int, out: Path) 
 
 
 def _plan(options: TokenizeOptions, tok: Tokenizer, out: Path) -> _Plan:
-    requested = [os.path.abspath(p) for p in expand_shards(options.inputs)]
-    if not requested:
-        raise ValueError("no input shards (the pattern expands to nothing)")
-    check_shards_exist(requested)
+    requested = [
+        os.path.abspath(p) for p in resolve_shards(options.inputs, "--input", required=True)
+    ]
     if options.storage not in ("tar", "npy"):
         raise ValueError(f"--format must be 'tar' or 'npy', got {options.storage!r}")
     resolution = options.resolution or tok.resolution

@@ -12,7 +12,8 @@ from accelerate.utils import set_seed
 
 from tokenizer.checkpoint import load_training_state, resolve_resume, save_training_state
 from tokenizer.config import Config, to_yaml
-from tokenizer.data import check_shards_exist, expand_shards, iter_eval_batches, make_train_loader
+from tokenizer.data import iter_eval_batches, make_train_loader
+from tokenizer.data.shard_specs import resolve_shards
 from tokenizer.distributed import (
     Collective,
     broadcast_buffers,
@@ -50,12 +51,8 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         logger.setLevel(logging.WARNING)
 
     # Bad data stops the run here, before any compute is spent.
-    train_shards = expand_shards(cfg.data.train_shards)
-    if not train_shards:
-        raise ValueError("data.train_shards is empty: give a brace pattern or a list of tar paths")
-    check_shards_exist(train_shards)
-    eval_shards = expand_shards(cfg.data.eval_shards)
-    check_shards_exist(eval_shards)
+    train_shards = resolve_shards(cfg.data.train_shards, "data.train_shards", required=True)
+    eval_shards = resolve_shards(cfg.data.eval_shards, "data.eval_shards", required=False)
 
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg)
@@ -96,9 +93,9 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         world_size=accelerator.num_processes,
         state=data_state,
     )
-    log = TrainLog(cfg, accelerator, core.codebook_size)
-    preview = _preview_images(cfg, eval_shards)
     stop_at = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
+    log = TrainLog(cfg, accelerator, core.codebook_size, start_step=step, end_step=stop_at)
+    preview = _preview_images(cfg, eval_shards)
     logger.info(
         "training %s: %d params, %d ranks x batch %d x accum %d, steps %d -> %d",
         cfg.model.arch,

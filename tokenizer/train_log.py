@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,21 +59,64 @@ class MetricWindow:
         }
 
 
+class EtaClock:
+    """Time left to `end_step` at the step rate measured since this process started
+    training: a resumed run does not count the steps it jumped over, and a run that
+    only started has no rate yet (None)."""
+
+    def __init__(
+        self, start_step: int, end_step: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.start_step, self.end_step, self.clock = start_step, end_step, clock
+        self.started = clock()
+
+    def seconds_left(self, step: int) -> float | None:
+        done = step - self.start_step
+        if done <= 0:
+            return None
+        per_step = (self.clock() - self.started) / done
+        return per_step * max(self.end_step - step, 0)
+
+
+def format_duration(seconds: float) -> str:
+    """'45s', '1m23s', '2h05m', '3d04h': two units at most, as a reader wants an ETA."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def console_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
+    eta = metrics.get("eta_s")
     return (
         f"step {step}/{max_steps} loss {metrics['loss']:.4f} "
         f"recon {metrics['loss/reconstruction']:.4f} commit {metrics['loss/commitment']:.4f} "
         f"psnr {metrics['psnr']:.2f} usage {100 * metrics['codebook/usage']:.1f}% "
         f"ppl {metrics['codebook/perplexity']:.1f} img/s {metrics['images_per_s']:.1f} "
-        f"lr {metrics['lr']:.2e} bad {int(metrics['data/bad_samples'])}"
+        f"lr {metrics['lr']:.2e} bad {int(metrics['data/bad_samples'])} "
+        f"eta {'?' if eta is None else format_duration(eta)}"
     )
 
 
 class TrainLog:
-    def __init__(self, cfg: Config, accelerator: Accelerator, codebook_size: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator,
+        codebook_size: int,
+        start_step: int = 0,
+        end_step: int | None = None,
+    ) -> None:
+        """start_step: the step this process resumes from; end_step: where it stops
+        (default train.max_steps). The ETA in each log line runs between the two."""
         self.cfg, self.accelerator = cfg, accelerator
         self.run_dir = Path(cfg.run.dir)
         self.window = MetricWindow(codebook_size, accelerator.device)
+        self.eta = EtaClock(start_step, cfg.train.max_steps if end_step is None else end_step)
         self.keys_file = None
         if cfg.logging.log_keys:
             (self.run_dir / "keys").mkdir(parents=True, exist_ok=True)
@@ -89,6 +133,9 @@ class TrainLog:
         """Every rank calls this (it reduces); the main process writes."""
         metrics = {**self.window.read(self.accelerator), **extra}
         self.window.reset()
+        eta = self.eta.seconds_left(step)
+        if eta is not None:
+            metrics["eta_s"] = eta
         if self.accelerator.is_main_process:
             logger.info(console_line(step, self.cfg.train.max_steps, metrics))
             with (self.run_dir / "metrics.jsonl").open("a") as fh:

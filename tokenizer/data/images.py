@@ -22,16 +22,15 @@ import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer.config import DataConfig
 from tokenizer.data.order import AUGMENT, SHUFFLE, buffer_shuffle, mix_seed, shard_order
+from tokenizer.data.shard_specs import check_shards_exist, expand_shards
 from tokenizer.data.tars import (
     IMAGE_EXTENSIONS,
     DecodeError,
@@ -81,27 +80,7 @@ class StreamPosition:
 # --------------------------------------------------------------------------- shards
 
 
-def expand_shards(spec: str | Sequence[str] | None) -> list[str]:
-    """Brace-expand a pattern ("d/{000000..000009}.tar") or each entry of a list."""
-    if spec is None:
-        return []
-    entries = [spec] if isinstance(spec, str | Path) else list(spec)
-    paths: list[str] = []
-    for entry in entries:
-        if not isinstance(entry, str | Path):
-            raise TypeError(f"shard spec entries must be strings, got {entry!r}")
-        paths.extend(braceexpand(str(entry)))
-    return paths
-
-
-def check_shards_exist(paths: Sequence[str]) -> None:
-    """Raise FileNotFoundError naming every missing shard. An empty list passes: whether
-    shards are required (train) or optional (eval) is the caller's call."""
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        shown = ", ".join(missing[:10])
-        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards missing: {shown}{more}")
+# expand_shards / check_shards_exist live in shard_specs.py (imported above).
 
 
 # --------------------------------------------------------------------------- raw samples

@@ -1,0 +1,91 @@
+"""The training log's console line and its ETA, with a fake clock."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from tokenizer.config import load_config
+from tokenizer.losses import LossTerms
+from tokenizer.train_log import EtaClock, TrainLog, console_line, format_duration
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+METRICS = {
+    "loss": 0.12345,
+    "loss/reconstruction": 0.1,
+    "loss/commitment": 0.02,
+    "psnr": 21.456,
+    "codebook/usage": 0.5,
+    "codebook/perplexity": 200.04,
+    "images_per_s": 123.45,
+    "lr": 2e-4,
+    "data/bad_samples": 3.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (59.4, "59s"),
+        (83, "1m23s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (7500, "2h05m"),
+        (86400 + 4 * 3600 + 59, "1d04h"),
+    ],  # fmt: skip
+)
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_console_line_ends_with_the_eta():
+    line = console_line(40, 1000, {**METRICS, "eta_s": 83.0})
+    assert line == (
+        "step 40/1000 loss 0.1235 recon 0.1000 commit 0.0200 psnr 21.46 usage 50.0% "
+        "ppl 200.0 img/s 123.5 lr 2.00e-04 bad 3 eta 1m23s"
+    )
+    assert console_line(40, 1000, METRICS).endswith(" bad 3 eta ?")
+
+
+def test_eta_uses_the_rate_of_this_process_not_the_resume_jump():
+    clock = FakeClock()
+    eta = EtaClock(start_step=500, end_step=1000, clock=clock)  # resumed at step 500
+    assert eta.seconds_left(500) is None  # no step run yet: no rate
+    clock.now += 20.0
+    # 10 steps in 20 s: 2 s per step, 490 steps to go. Counting the 500 resumed steps
+    # would claim 510 steps in 20 s and an ETA of about 19 s.
+    assert eta.seconds_left(510) == pytest.approx(980.0)
+    clock.now += 60.0
+    assert eta.seconds_left(540) == pytest.approx(2.0 * 460)
+    assert eta.seconds_left(1000) == 0.0
+
+
+def test_train_log_writes_eta_to_the_console_and_metrics_jsonl(tmp_path, caplog):
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "logging.tensorboard=false",
+                                 "train.max_steps=100", "quantizer.codebook_size=4"])  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    log = TrainLog(cfg, accelerator, 4, start_step=20, end_step=60)
+    clock = FakeClock()
+    log.eta = EtaClock(20, 60, clock=clock)  # the same bounds, on a clock the test moves
+    terms = LossTerms(*(torch.tensor(v) for v in (0.3, 0.2, 0.05, 0.05)))
+    log.window.add(terms, torch.tensor([20.0, 22.0]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    clock.now += 30.0  # 10 steps in 30 s; 30 steps to go
+    extra = {"lr": 1e-3, "data/bad_samples": 0.0}
+    with caplog.at_level("INFO", logger="tokenizer.train"):
+        metrics = log.metrics(30, extra)
+    log.close()
+    assert metrics["eta_s"] == pytest.approx(90.0)
+    assert caplog.records[-1].getMessage().startswith("step 30/100 loss ")
+    assert caplog.records[-1].getMessage().endswith(" eta 1m30s")
+    written = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert written["step"] == 30 and written["eta_s"] == pytest.approx(90.0)
