@@ -140,7 +140,7 @@ NEUTRAL_VALUES = {
     "quantizer.ema_epsilon": 0.1,
     "quantizer.init": "kmeans",
     "quantizer.kmeans_iters": 2,
-    "quantizer.restart_threshold": 5.0,
+    "quantizer.restart_threshold": 0.5,
     "quantizer.restart_unused_steps": 1,
     "quantizer.search": "faiss-ivf",
     "quantizer.search_chunk": 3,
