@@ -76,6 +76,15 @@ class QuantizerConfig:
 
 
 @dataclass
+class ColorJitterConfig:
+    # Per training crop: hue rotated by a uniform draw in [-hue, hue] turns (at most 0.5),
+    # saturation scaled by a uniform draw in [1 - saturation, 1 + saturation] (at most 1).
+    # 0 and 0: off.
+    hue: float = 0.0
+    saturation: float = 0.0
+
+
+@dataclass
 class DataConfig:
     # A brace pattern ("data/{000000..000099}.tar") or a list of paths/patterns.
     train_shards: Any = None
@@ -84,6 +93,7 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256
     random_flip: bool = True
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     # Batches each worker prepares ahead of the training step.
     prefetch_factor: int = 2
 
@@ -214,6 +224,15 @@ def validate(cfg: Config) -> None:
         (cfg.quantizer.restart_threshold >= 0, "quantizer.restart_threshold must be >= 0"),
         (cfg.quantizer.lookup_dim >= 0, "quantizer.lookup_dim must be >= 0 (0: no projection)"),
         (0.0 < cfg.quantizer.ema_decay < 1.0, "quantizer.ema_decay must be in (0, 1)"),
+        (
+            0.0 <= cfg.data.color_jitter.hue <= 0.5,
+            f"data.color_jitter.hue must be in [0, 0.5] turns, got {cfg.data.color_jitter.hue}",
+        ),
+        (
+            0.0 <= cfg.data.color_jitter.saturation <= 1.0,
+            "data.color_jitter.saturation must be in [0, 1], got "
+            f"{cfg.data.color_jitter.saturation}",
+        ),
         (len(cfg.model.channels) >= 1, "model.channels needs at least one entry"),
         (cfg.train.batch_size > 0, "train.batch_size must be positive"),
         (cfg.train.grad_accum_steps > 0, "train.grad_accum_steps must be positive"),
