@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ShardSet, png_bytes, write_test_shards
+from PIL import Image
 from tokenize_helpers import plain_tar_samples
 
 from tokenizer.config import DataConfig
@@ -336,3 +337,52 @@ def test_demo_regions_split_holds_out_disjoint_quadrants(tmp_path: Path):
             assert top >= cy - 0.1, m
     with pytest.raises(ValueError, match="unknown demo split 'pixels'"):
         build_demo_set(tmp_path / "x", split="pixels")
+
+
+def _colour_photograph_files() -> set[str]:
+    """Every colour image file scikit-image and scikit-learn ship, by stem."""
+    import skimage.data
+    import sklearn.datasets
+
+    folders = [Path(skimage.data.__file__).parent]
+    folders.append(Path(sklearn.datasets.__file__).parent / "images")
+    stems = set()
+    for folder in folders:
+        for path in folder.iterdir():
+            if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+                continue
+            pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+            if (pixels.max(-1) - pixels.min(-1)).mean() > 2:  # any colour at all
+                stems.add(path.stem)
+    return stems
+
+
+def test_demo_uses_every_colour_photograph_shipped():
+    from tokenizer.data.demo import HELD_OUT, load_sample_photos
+
+    # Colour files that are not photographs: a colour wheel and a logo.
+    synthetic = {"color", "logo"}
+    file_to_name = {"ihc": "immunohistochemistry"}
+    shipped = {file_to_name.get(s, s) for s in _colour_photograph_files() - synthetic}
+    assert {"motorcycle_left", "motorcycle_right", "china", "astronaut"} <= shipped
+    names = {p.name for p in load_sample_photos()}
+    assert shipped <= names, shipped - names
+    assert set(HELD_OUT) <= shipped  # held out photographs are colour ones too
+
+
+def test_demo_photos_split_trains_on_all_but_the_held_out(tmp_path: Path):
+    from tokenizer.data import build_demo_set
+    from tokenizer.data.demo import HELD_OUT, load_sample_photos
+
+    demo = build_demo_set(tmp_path, resolution=32, train_crops=512, eval_crops=64)
+    sources = {
+        part: {
+            json.loads(s["json"])["source"] for p in shards for s in plain_tar_samples(p).values()
+        }
+        for part, shards in (("train", demo.train_shards), ("eval", demo.eval_shards))
+    }
+    everything = {p.name for p in load_sample_photos()}
+    assert sources["eval"] == set(HELD_OUT)
+    assert sources["train"] == everything - set(HELD_OUT)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["params"]["version"] == 2  # sets built before the motorcycles: rebuilt

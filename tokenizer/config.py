@@ -84,6 +84,15 @@ class QuantizerConfig:
 
 
 @dataclass
+class ColorJitterConfig:
+    # Per training crop: hue rotated by a uniform draw in [-hue, hue] turns (at most 0.5),
+    # saturation scaled by a uniform draw in [1 - saturation, 1 + saturation] (at most 1).
+    # 0 and 0: off.
+    hue: float = 0.0
+    saturation: float = 0.0
+
+
+@dataclass
 class DataConfig:
     # A brace pattern ("data/{000000..000099}.tar") or a list of paths/patterns.
     train_shards: Any = None
@@ -92,6 +101,7 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 256
     random_flip: bool = True
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     # Batches each worker prepares ahead of the training step.
     prefetch_factor: int = 2
 
@@ -299,6 +309,8 @@ _RULES = [
     _rule("data.num_workers", _at_least(0, " (0: load in the training process)")),
     _rule("data.shuffle_buffer", _at_least(0, " (0 or 1: no shuffle)")),
     _rule("data.prefetch_factor", _at_least(1)),
+    _rule("data.color_jitter.hue", ((lambda v: 0.0 <= v <= 0.5), "in [0, 0.5] turns")),
+    _rule("data.color_jitter.saturation", ((lambda v: 0.0 <= v <= 1.0), "in [0, 1]")),
     _rule("train.max_steps", _at_least(1)),
     _rule("train.batch_size", _at_least(1)),
     _rule("train.grad_accum_steps", _at_least(1)),

@@ -32,7 +32,10 @@ from tokenizer.data.shard_writer import brace_pattern, write_shards
 logger = logging.getLogger(__name__)
 
 # Bundled with the scikit-image wheel (no pooch download). `cat` is `chelsea` again.
-SKIMAGE_PHOTOS = (
+# Every colour photograph it ships, then its grey ones (luminance texture). Not here:
+# colorwheel and logo (synthetic), chessboard, phantom, horse, text, page (drawings),
+# lfw_subset (25x25 faces) and no_time_for_that (a 14x25 animation).
+SKIMAGE_COLOUR_PHOTOS = (
     "astronaut",
     "coffee",
     "chelsea",
@@ -40,6 +43,11 @@ SKIMAGE_PHOTOS = (
     "immunohistochemistry",
     "hubble_deep_field",
     "retina",
+    "motorcycle_left",
+    "motorcycle_right",
+)
+SKIMAGE_PHOTOS = (
+    *SKIMAGE_COLOUR_PHOTOS,
     "camera",
     "moon",
     "coins",
@@ -49,11 +57,17 @@ SKIMAGE_PHOTOS = (
     "gravel",
     "cell",
 )
-SKLEARN_PHOTOS = ("china", "flower")
+SKLEARN_PHOTOS = ("china", "flower")  # all it ships, both colour
+# The stereo pair comes from one loader; the other names are skimage.data functions.
+_SKIMAGE_LOADERS = {
+    "motorcycle_left": lambda data: data.stereo_motorcycle()[0],
+    "motorcycle_right": lambda data: data.stereo_motorcycle()[1],
+}
 HELD_OUT = ("chelsea", "flower")
 SPLITS = ("photos", "regions")
 MANIFEST = "manifest.json"
-_FORMAT_VERSION = 1
+# 2: the motorcycle stereo pair joined the photographs (a set of version 1 is rebuilt).
+_FORMAT_VERSION = 2
 _PYRAMID_LEVELS = 6
 
 
@@ -134,9 +148,10 @@ def load_sample_photos() -> list[Photo]:
         logger.warning("scikit-image is not installed: its photographs are skipped")
     else:
         for name in SKIMAGE_PHOTOS:
-            loader = getattr(skimage.data, name, None)
+            special = _SKIMAGE_LOADERS.get(name)
             try:
-                photos.append(Photo(name, "scikit-image", _as_rgb(loader())))  # type: ignore[misc]
+                pixels = special(skimage.data) if special else getattr(skimage.data, name)()
+                photos.append(Photo(name, "scikit-image", _as_rgb(pixels)))
             except Exception as err:  # absent, or needs a download in this version
                 logger.info("skimage.data.%s unavailable offline (%s); skipped", name, err)
     try:

@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer.config import DataConfig
+from tokenizer.data.augment import ColorJitter
 from tokenizer.data.order import AUGMENT, SHUFFLE, buffer_shuffle, mix_seed, shard_order
 from tokenizer.data.shard_specs import check_shards_exist, expand_shards
 from tokenizer.data.tars import (
@@ -168,6 +169,7 @@ def _train_items(
     shuffle_buffer: int,
     random_flip: bool,
     start: StreamPosition,
+    color_jitter: ColorJitter | None = None,
 ) -> Iterator[_Item]:
     # In the fallback every slot reads every shard; only slot 0 (rank 0, first worker)
     # reports a broken tar, so it is counted once in all rather than once per slot.
@@ -191,7 +193,7 @@ def _train_items(
             if image is not None:
                 decoded += 1
                 rng = random.Random(mix_seed(seed, AUGMENT, epoch, slot, i))
-                tensor = train_transform(image, resolution, random_flip, rng)
+                tensor = train_transform(image, resolution, random_flip, rng, color_jitter)
             yield _Item(epoch, i, raw.key, _text(raw), tensor, tar_errors + (image is None))
         # Without these checks a stream with nothing usable would spin forever.
         if emitted == 0:
@@ -219,6 +221,7 @@ def iter_train_batches(
     shuffle_buffer: int = 256,
     random_flip: bool = True,
     start: StreamPosition | None = None,
+    color_jitter: ColorJitter | None = None,
 ) -> Iterator[ImageBatch]:
     """The infinite batch stream of one logical stream (worker) of one rank."""
     slot, nslots = rank * num_streams + stream, world_size * num_streams
@@ -231,6 +234,7 @@ def iter_train_batches(
         shuffle_buffer,
         random_flip,
         start or StreamPosition(),
+        color_jitter,
     )
     return _batches(items, batch_size, stream, keep_last=False)
 
@@ -382,6 +386,7 @@ def make_train_loader(
         "world_size": world_size,
         "shuffle_buffer": cfg.shuffle_buffer,
         "random_flip": cfg.random_flip,
+        "color_jitter": ColorJitter(cfg.color_jitter.hue, cfg.color_jitter.saturation),
     }
     dataset = _TrainStream(kwargs, list(tracker.positions), tracker.batches_consumed)
     extra: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokenizer.data.augment import ColorJitter, apply_color_jitter
 from tokenizer.data.image_modes import ALPHA_BACKGROUND, as_rgb
 
 
@@ -43,15 +44,23 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def train_transform(
-    image: Image.Image, resolution: int, flip: bool, rng: random.Random
+    image: Image.Image,
+    resolution: int,
+    flip: bool,
+    rng: random.Random,
+    color_jitter: ColorJitter | None = None,
 ) -> torch.Tensor:
-    """Shorter side to `resolution`, random square crop, optional flip -> (3, R, R) in [-1, 1]."""
+    """Shorter side to `resolution`, random square crop, optional flip, optional colour
+    jitter (on the crop: cheap, and the same draws whatever the source size)
+    -> (3, R, R) in [-1, 1]."""
     image = resize_shorter(image, resolution)
     w, h = image.size
     left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if color_jitter is not None:
+        image = apply_color_jitter(image, color_jitter, rng)
     return _to_tensor(image)
 
 
