@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tokenizer.cli.lifecycle import exit_with_launcher
 from tokenizer.config import ConfigError, load_config
 from tokenizer.data.shard_specs import ShardSpecError
-from tokenizer.lifecycle import exit_with_launcher
-from tokenizer.train import train
+from tokenizer.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:

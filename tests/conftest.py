@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenizer.data import write_shards
+from tokenizer.data.writer import write_shards
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.api import weights_fingerprint
-from tokenizer.data import eval_transform
+from tokenizer.data.images.transforms import eval_transform
 from tokenizer.release import release_fingerprint
 
 OVERRIDES = [

@@ -17,8 +17,9 @@ from conftest import ShardSet
 from PIL import Image
 
 from tokenizer.config import ConfigError, DataConfig, load_config
-from tokenizer.data import make_train_loader, train_transform
-from tokenizer.data.augment import ColorJitter, apply_color_jitter, jitter_matrix, jitter_rgb
+from tokenizer.data.images.augment import ColorJitter, apply_color_jitter, jitter_matrix, jitter_rgb
+from tokenizer.data.images.transforms import train_transform
+from tokenizer.data.stream import make_train_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 

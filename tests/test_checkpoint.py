@@ -10,8 +10,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import tokenizer.checkpoint as checkpoint_module
-from tokenizer.checkpoint import (
+import tokenizer.training.checkpoint as checkpoint_module
+from tokenizer.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_training_state,
@@ -154,7 +154,7 @@ def test_explicit_resume_from_an_older_checkpoint_keeps_the_newer_branch(engine,
     older = resolve_resume(str(tmp_path / "checkpoints" / "step_00000020"), tmp_path)
 
     # Branch B resumes from step 20, with keep_last=1: it prunes its own ancestor only.
-    with caplog.at_level(logging.WARNING, logger="tokenizer.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="tokenizer.training.checkpoint"):
         b25 = _save(engine, tmp_path, 25, keep_last=1, parent=older, value=25.5)
     assert _names(tmp_path) == ["step_00000025", "step_00000030", "step_00000040"]
     assert "step_00000030, step_00000040" in caplog.text and "another branch" in caplog.text

@@ -18,16 +18,16 @@ from PIL import Image
 from tokenize_helpers import plain_tar_samples
 
 from tokenizer.config import DataConfig
-from tokenizer.data import (
+from tokenizer.data.order import shard_order
+from tokenizer.data.stream import (
     ImageBatch,
     check_shards_exist,
     expand_shards,
     iter_eval_batches,
     iter_train_batches,
     make_train_loader,
-    shard_order,
-    write_shards,
 )
+from tokenizer.data.writer import write_shards
 
 RES = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +308,7 @@ def test_demo_quadrants_tile_the_photo_exactly():
 
 
 def test_demo_regions_split_holds_out_disjoint_quadrants(tmp_path: Path):
-    from tokenizer.data import build_demo_set
+    from tokenizer.data.demo import build_demo_set
 
     demo = build_demo_set(tmp_path, resolution=32, train_crops=512, eval_crops=256, split="regions")
     metas = {
@@ -371,8 +371,7 @@ def test_demo_uses_every_colour_photograph_shipped():
 
 
 def test_demo_photos_split_trains_on_all_but_the_held_out(tmp_path: Path):
-    from tokenizer.data import build_demo_set
-    from tokenizer.data.demo import HELD_OUT, load_sample_photos
+    from tokenizer.data.demo import HELD_OUT, build_demo_set, load_sample_photos
 
     demo = build_demo_set(tmp_path, resolution=32, train_crops=512, eval_crops=64)
     sources = {

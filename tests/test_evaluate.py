@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import write_test_shards
 
-import tokenizer.evaluate as evaluate_module
+import tokenizer.evaluation.evaluate as evaluate_module
 from tokenizer import build_model, load_config
-from tokenizer.evaluate import evaluate_shards
+from tokenizer.evaluation.evaluate import evaluate_shards
 
 OVERRIDES = [
     "model.channels=[8,16]",

@@ -18,18 +18,12 @@ import torch
 from PIL import Image
 
 from tokenizer import Tokenizer, build_model, load_config
-from tokenizer.data import (
-    IMAGE_EXTENSIONS,
-    RawSample,
-    decode_image,
-    iter_eval_batches,
-    iter_train_batches,
-    write_shards,
-)
-from tokenizer.data.image_modes import ALPHA_BACKGROUND, as_rgb
+from tokenizer.data.images.modes import ALPHA_BACKGROUND, as_rgb
+from tokenizer.data.images.transforms import eval_transform
 from tokenizer.data.source_batches import iter_shard_batches
-from tokenizer.data.tars import DecodeError
-from tokenizer.data.transforms import eval_transform
+from tokenizer.data.stream import iter_eval_batches, iter_train_batches
+from tokenizer.data.tars import IMAGE_EXTENSIONS, DecodeError, RawSample, decode_image
+from tokenizer.data.writer import write_shards
 
 RES = 16  # every case is RES x RES, so no path resamples and pixels compare exactly
 OVERRIDES = [

@@ -29,11 +29,11 @@ from tokenize_helpers import (
 )
 
 from tokenizer import Tokenizer
-from tokenizer.data import IndexShards, code_dtype, collate_tokens, read_manifest
-from tokenizer.data.index_duplicates import DuplicateKeysError, find_duplicates
-from tokenizer.data.index_format import keys_path, read_record
-from tokenizer.data.index_verify import verify_index
-from tokenizer.tokenize_corpus import TokenizeOptions, tokenize_corpus
+from tokenizer.data.index.duplicates import DuplicateKeysError, find_duplicates
+from tokenizer.data.index.format import code_dtype, keys_path, read_manifest, read_record
+from tokenizer.data.index.reader import IndexShards, collate_tokens
+from tokenizer.data.index.verify import verify_index
+from tokenizer.tokenize.corpus import TokenizeOptions, tokenize_corpus
 
 RES = 16
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 from process_helpers import alive, kill_pids, wait_gone
 from training_helpers import ENV, ROOT
 
-from tokenizer.lifecycle import exit_with_launcher
+from tokenizer.cli.lifecycle import exit_with_launcher
 
 # A stand-in launcher: starts one "rank" in a new session (as torchrun does), prints its
 # pid, then waits to be killed. The rank arms exit_with_launcher and sleeps.
@@ -23,7 +23,7 @@ time.sleep(600)
 """
 RANK = """
 import pathlib, sys, time
-from tokenizer.lifecycle import exit_with_launcher
+from tokenizer.cli.lifecycle import exit_with_launcher
 assert exit_with_launcher()
 pathlib.Path(sys.argv[1]).write_text("armed")
 time.sleep(600)

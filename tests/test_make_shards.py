@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from tokenizer.data import decode_image, read_tar, write_shards
+from tokenizer.cli.status_line import StatusLine
 from tokenizer.data.folder import BAD_IMAGE, BAD_SIDECAR, NON_IMAGE, FolderPacker
-from tokenizer.data.image_check import BadImage, check_image
-from tokenizer.data.image_modes import as_rgb
-from tokenizer.data.shard_writer import OutputNotEmpty, prepare_output
-from tokenizer.status_line import StatusLine
+from tokenizer.data.images.check import BadImage, check_image
+from tokenizer.data.images.modes import as_rgb
+from tokenizer.data.tars import decode_image, read_tar
+from tokenizer.data.writer import OutputNotEmpty, prepare_output, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "make_shards.py"

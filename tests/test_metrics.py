@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenizer.evaluate import evaluate
-from tokenizer.metrics import psnr_per_image, ssim_per_image
+from tokenizer.evaluation.evaluate import evaluate
+from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image
 
 
 def _pair(noise: float, seed: int, size: tuple[int, int] = (32, 40)) -> tuple[torch.Tensor, ...]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig
 from tokenizer.models import VQVAE, VQVAEOutput, build_model
-from tokenizer.nn import Decoder, Encoder, ResidualBlock
+from tokenizer.nn.paper import Decoder, Encoder, ResidualBlock
 from tokenizer.quantize import SearchResult, TorchSearch
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from training_helpers import ENV, ROOT, accelerate, losses, make_shards, run, write_config
 
 from tokenizer import Tokenizer, build_model, load_config
-from tokenizer.checkpoint import latest_checkpoint
+from tokenizer.training.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 DUMP = "tests/scripts/train_and_dump.py"

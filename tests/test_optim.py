@@ -11,8 +11,8 @@ from torch import nn
 
 from tokenizer.config import TrainConfig, load_config
 from tokenizer.models import build_model
-from tokenizer.optim import build_optimizer, parameter_groups, warmup_cosine
 from tokenizer.quantize import VectorQuantizer
+from tokenizer.training.optim import build_optimizer, parameter_groups, warmup_cosine
 
 TINY = [
     "model.channels=[8]",

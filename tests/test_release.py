@@ -56,10 +56,32 @@ def edit_config(directory: Path, edit) -> None:
 # ---------------------------------------------------------------------- format_version 1
 
 
+def assert_same_codes_but_ties(tok: Tokenizer, pixels: torch.Tensor, codes, expected) -> None:
+    """codes == expected, except where the two codes are equally near the encoder's vector
+    within fp32 rounding (measured in float64): another CPU's kernels may round such a tie
+    the other way, and no index could rely on one side of it."""
+    codes, expected = torch.as_tensor(codes), torch.as_tensor(expected)
+    differ = codes != expected  # (B, h, w)
+    if not differ.any():
+        return
+    q = tok.model.quantizer
+    with torch.no_grad():
+        z = tok.model.encode(pixels.float() / 127.5 - 1.0)  # (B, D, h, w)
+        x = q._to_lookup(z.permute(0, 2, 3, 1)[differ].float()).double()  # (n, d)
+        book = q.codebook.double()  # (K, d)
+    d_got = (x - book[codes[differ]]).pow(2).sum(1)
+    d_want = (x - book[expected[differ]]).pow(2).sum(1)
+    gap = (d_got - d_want).abs()
+    assert differ.float().mean() <= 0.05, f"{int(differ.sum())} codes differ"
+    # fp32 distances ||x||^2 + ||e||^2 - 2 x.e round at about 1e-7 of the norms.
+    scale = x.pow(2).sum(1) + book[expected[differ]].pow(2).sum(1)
+    assert (gap <= 1e-6 * scale).all(), f"not ties: gaps {gap.tolist()}"
+
+
 def test_a_release_written_by_the_first_version_1_code_gives_its_codes(expected, pixels):
     tok = Tokenizer.from_pretrained(V1_RELEASE)
     codes = tok.encode(pixels)
-    assert codes.tolist() == expected["codes"]
+    assert_same_codes_but_ties(tok, pixels, codes, expected["codes"])
     assert len(set(codes.flatten().tolist())) > 8  # a fixture that tells codes apart
     decoded = tok.decode(codes[:1]).flatten()
     assert torch.allclose(decoded, torch.tensor(expected["decoded"]), atol=1e-5)
@@ -74,7 +96,7 @@ def test_a_release_written_by_the_first_version_1_code_gives_its_codes(expected,
 def test_a_release_saved_again_keeps_its_codes_and_fingerprint(release, expected, pixels):
     original = Tokenizer.from_pretrained(V1_RELEASE)
     again = Tokenizer.from_pretrained(release)
-    assert again.encode(pixels).tolist() == expected["codes"]
+    assert_same_codes_but_ties(again, pixels, again.encode(pixels), expected["codes"])
     assert again.fingerprint == original.fingerprint
     config = json.loads((release / "config.json").read_text())
     assert config["format_version"] == 1
@@ -84,7 +106,20 @@ def test_a_release_saved_again_keeps_its_codes_and_fingerprint(release, expected
 # ---------------------------------------------------------------------- fingerprint
 
 
-def test_flipping_l2_normalize_changes_the_codes_and_the_fingerprint(release, pixels):
+def test_flipping_l2_normalize_changes_the_codes_and_the_fingerprint(tmp_path, pixels):
+    # The fixture's codebook rows have unit length, where normalising the encoder's
+    # vectors cannot change the nearest code: give the rows lengths 0.5 .. 2 first.
+    tok = Tokenizer.from_pretrained(V1_RELEASE)
+    q = tok.model.quantizer
+    with torch.no_grad():
+        q.embed.add_(q.embed_offset).mul_(torch.linspace(0.5, 2.0, q.codebook_size)[:, None])
+        q.embed.sub_(q.embed_offset)
+    tok.model.quantizer.l2_normalize = False  # so that the release keeps the lengths
+    tok.config = dataclasses.replace(
+        tok.config, quantizer=dataclasses.replace(tok.config.quantizer, l2_normalize=False)
+    )
+    release = tok.save_pretrained(tmp_path / "rel")
+    edit_config(release, lambda c: c["quantizer"].update(l2_normalize=True))
     before = Tokenizer.from_pretrained(release)
     edit_config(release, lambda c: c["quantizer"].update(l2_normalize=False))
     after = Tokenizer.from_pretrained(release)
@@ -295,7 +330,8 @@ def test_decode_of_one_grid_gives_one_image(release, pixels):
     codes = tok.encode(pixels)  # (2, 4, 4)
     one = tok.decode(codes[1])  # (h, w), as an index shard stores a sample
     assert one.shape == (3, 16, 16)
-    assert torch.equal(one, tok.decode(codes)[1])
+    # A batch of one may take other conv kernels than a batch of two: equal to rounding.
+    assert torch.allclose(one, tok.decode(codes)[1], atol=1e-6)
     assert torch.equal(tok.decode(codes[1].numpy().astype(np.uint16)), one)
     for bad in (codes.flatten(), codes[None]):
         with pytest.raises(ValueError, match=r"\(B, h, w\) or one grid \(h, w\)"):

@@ -14,7 +14,7 @@ from tokenizer.data.shard_specs import (
     expand_shards,
     resolve_shards,
 )
-from tokenizer.data.shard_writer import write_shards
+from tokenizer.data.writer import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,8 +27,10 @@ from tokenize_helpers import (
 )
 
 from tokenizer import Tokenizer
-from tokenizer.data import IMAGE_EXTENSIONS, read_manifest, write_shards
-from tokenizer.data.index_verify import verify_index
+from tokenizer.data.index.format import read_manifest
+from tokenizer.data.index.verify import verify_index
+from tokenizer.data.tars import IMAGE_EXTENSIONS
+from tokenizer.data.writer import write_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenizer.tokenize_corpus import default_num_workers
+from tokenizer.tokenize.corpus import default_num_workers
 
 TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from training_helpers import ROOT, losses, make_shards, run, write_config
 
-from tokenizer.checkpoint import latest_checkpoint, load_checkpoint_weights
+from tokenizer.training.checkpoint import latest_checkpoint, load_checkpoint_weights
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from training_helpers import make_shards, write_config
 
-import tokenizer.train as train_module
+import tokenizer.training.loop as train_module
 from tokenizer.config import load_config
-from tokenizer.optim import warmup_cosine
+from tokenizer.training.optim import warmup_cosine
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import torch
 from accelerate import Accelerator
 
 from tokenizer.config import load_config
-from tokenizer.losses import LossTerms
-from tokenizer.train_log import EtaClock, TrainLog, console_line, format_duration
+from tokenizer.losses.reconstruction import LossTerms
+from tokenizer.training.log import EtaClock, TrainLog, console_line, format_duration
 
 
 class FakeClock:
@@ -81,7 +81,7 @@ def test_train_log_writes_eta_to_the_console_and_metrics_jsonl(tmp_path, caplog)
     log.window.add(terms, torch.tensor([20.0, 22.0]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
     clock.now += 30.0  # 10 steps in 30 s; 30 steps to go
     extra = {"lr": 1e-3, "data/bad_samples": 0.0}
-    with caplog.at_level("INFO", logger="tokenizer.train"):
+    with caplog.at_level("INFO", logger="tokenizer.training.loop"):
         metrics = log.metrics(30, extra)
     log.close()
     assert metrics["eta_s"] == pytest.approx(90.0)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tokenizer import Tokenizer, build_model, load_config
-from tokenizer.data import write_shards
+from tokenizer.data.writer import write_shards
 
 
 def tiny_tokenizer(seed: int = 0, codebook_size: int = 32, resolution: int = 16) -> Tokenizer:

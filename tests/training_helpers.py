@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from tokenizer.config import load_config, to_yaml
-from tokenizer.data.shard_writer import brace_pattern, write_shards
+from tokenizer.data.writer import brace_pattern, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two CPU ranks on two cores: one thread each. DeepSpeed's JIT-built shared-memory

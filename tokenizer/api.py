@@ -7,7 +7,7 @@ vectors = tok.embed(codes)      # -> (B, H/f, W/f, D) codebook vectors, for prio
 tok.fingerprint                 # sha256 of what decides the codes: index manifests record it
 
 `encode` takes float tensors in [0, 1], uint8 tensors, numpy arrays, PIL images or lists
-of them (see tokenizer/data/pixels.py); `preprocess` gives the evaluation crops that
+of them (see tokenizer/data/images/pixels.py); `preprocess` gives the evaluation crops that
 tools/tokenize_dataset.py feeds it.
 
 A Tokenizer always finds the nearest code exactly: a release trained with the approximate
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig, from_dict, validate
-from tokenizer.data.image_modes import as_rgb
-from tokenizer.data.pixels import ImageInput, as_pixel_batch
-from tokenizer.data.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
+from tokenizer.data.images.modes import as_rgb
+from tokenizer.data.images.pixels import ImageInput, as_pixel_batch
+from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
 from tokenizer.models import VQVAE, build_model
 from tokenizer.quantize import search_from_config
 from tokenizer.release import (

@@ -11,7 +11,7 @@ runs/bench_codebook/), once per recipe:
 
 (both keep the demo's EMA codebook), then exports each run as a release and measures
 codebook usage (% of codes chosen at least once), perplexity and PSNR with
-tokenizer.evaluate (evaluate_shards, as tools/eval_tokenizer.py runs it), on two sets of
+tokenizer.evaluation.evaluate (evaluate_shards, as tools/eval_tokenizer.py runs it), on two sets of
 held-out images, neither sharing a pixel with a training crop:
 
   held-out regions  the training set is the demo builder's "regions" split: each of the
@@ -53,9 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tokenizer.api import Tokenizer  # noqa: E402
-from tokenizer.data import build_demo_set, iter_eval_batches  # noqa: E402
-from tokenizer.evaluate import EvalResult, evaluate_shards  # noqa: E402
-from tokenizer.export import export_release  # noqa: E402
+from tokenizer.data.demo import build_demo_set  # noqa: E402
+from tokenizer.data.stream import iter_eval_batches  # noqa: E402
+from tokenizer.evaluation.evaluate import EvalResult, evaluate_shards  # noqa: E402
+from tokenizer.training.export import export_release  # noqa: E402
 
 RECIPES = {
     "plain": [

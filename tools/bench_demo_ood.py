@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from tokenizer.api import Tokenizer
-from tokenizer.data import IMAGE_EXTENSIONS, eval_crop
-from tokenizer.data.transforms import to_uint8_tensor, uint8_to_model_range
-from tokenizer.metrics import psnr_per_image, ssim_per_image
+from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
+from tokenizer.data.tars import IMAGE_EXTENSIONS
+from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image
 
 
 @dataclass(frozen=True)

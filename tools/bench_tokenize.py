@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer import Tokenizer, build_model, load_config  # noqa: E402
-from tokenizer.data import expand_shards  # noqa: E402
-from tokenizer.data.index_format import GridSpec  # noqa: E402
-from tokenizer.data.index_sink import EncodedBatch, IndexSink  # noqa: E402
+from tokenizer.data.index.format import GridSpec  # noqa: E402
+from tokenizer.data.index.sink import EncodedBatch, IndexSink  # noqa: E402
 from tokenizer.data.source_batches import SourceBatch, iter_shard_batches  # noqa: E402
-from tokenizer.tokenize_corpus import TokenizeOptions, tokenize_corpus  # noqa: E402
+from tokenizer.data.stream import expand_shards  # noqa: E402
+from tokenizer.tokenize.corpus import TokenizeOptions, tokenize_corpus  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from tokenizer.api import Tokenizer
-from tokenizer.data import iter_eval_batches
 from tokenizer.data.shard_specs import ShardSpecError, resolve_shards
+from tokenizer.data.stream import iter_eval_batches
 from tokenizer.data.tars import IMAGE_EXTENSIONS, split_name
-from tokenizer.evaluate import evaluate_shards
-from tokenizer.imaging import save_image_grid
+from tokenizer.evaluation.evaluate import evaluate_shards
+from tokenizer.evaluation.image_grid import save_image_grid
 
 
 def count_samples(path: str) -> int:

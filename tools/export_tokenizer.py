@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokenizer.export import export_release
+from tokenizer.training.export import export_release
 
 
 def main(argv: list[str] | None = None) -> int:

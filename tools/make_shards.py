@@ -29,8 +29,11 @@ from pathlib import Path
 # Runs as a script from the repository root without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.data import brace_pattern, build_demo_set, write_shards  # noqa: E402
-from tokenizer.data.demo import SPLITS  # noqa: E402
+from tokenizer.cli.status_line import StatusLine  # noqa: E402
+from tokenizer.data.demo import (
+    SPLITS,  # noqa: E402
+    build_demo_set,  # noqa: E402
+)
 from tokenizer.data.folder import (  # noqa: E402
     BAD_IMAGE,
     BAD_SIDECAR,
@@ -39,8 +42,7 @@ from tokenizer.data.folder import (  # noqa: E402
     PackCounts,
     SkippedFile,
 )
-from tokenizer.data.shard_writer import OutputNotEmpty, prepare_output  # noqa: E402
-from tokenizer.status_line import StatusLine  # noqa: E402
+from tokenizer.data.writer import OutputNotEmpty, brace_pattern, prepare_output, write_shards  # noqa: E402  # noqa: E402
 
 _DEMO_DEFAULTS = {"resolution": 64, "train_crops": 4096, "eval_crops": 64, "seed": 0}
 

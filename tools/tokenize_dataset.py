@@ -27,9 +27,9 @@ from pathlib import Path
 # Runs as a script from the repository root without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.data.index_verify import verify_index  # noqa: E402
-from tokenizer.lifecycle import exit_with_launcher  # noqa: E402
-from tokenizer.tokenize_corpus import (  # noqa: E402
+from tokenizer.cli.lifecycle import exit_with_launcher  # noqa: E402
+from tokenizer.data.index.verify import verify_index  # noqa: E402
+from tokenizer.tokenize.corpus import (  # noqa: E402
     TokenizeOptions,
     default_num_workers,
     tokenize_corpus,

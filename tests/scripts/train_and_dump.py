@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from tokenizer.config import load_config
-from tokenizer.train import train
+from tokenizer.training.loop import train
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tokenizer.data.shard_writer import brace_pattern, write_shards
+from tokenizer.data.writer import brace_pattern, write_shards
 
 logger = logging.getLogger(__name__)
 

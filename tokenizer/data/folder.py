@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from tokenizer.data.image_check import BadImage, check_image, readable_extensions
+from tokenizer.data.images.check import BadImage, check_image, readable_extensions
 
 logger = logging.getLogger(__name__)
 

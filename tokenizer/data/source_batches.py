@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tokenizer.data.index_format import FailedSample, carried_fields
+from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor
+from tokenizer.data.index.format import FailedSample, carried_fields
 from tokenizer.data.tars import DecodeError, decode_image, read_tar
-from tokenizer.data.transforms import eval_crop, to_uint8_tensor
 
 
 @dataclass

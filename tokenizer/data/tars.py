@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from tokenizer.data.image_modes import ImageModeError, as_rgb
+from tokenizer.data.images.modes import ImageModeError, as_rgb
 
 # What PIL reads; make_shards stores each as it is, under its lowercased extension.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tokenizer.config import ModelConfig, QuantizerConfig
-from tokenizer.nn import Decoder, Encoder
+from tokenizer.nn.paper import Decoder, Encoder
 from tokenizer.outputs import NamedOutput
 from tokenizer.quantize import QuantizerOutput, VectorQuantizer, search_from_config
 

@@ -13,12 +13,12 @@ import torch
 from accelerate import Accelerator
 
 from tokenizer.config import Config
-from tokenizer.imaging import save_image_grid
-from tokenizer.losses import LossTerms
+from tokenizer.evaluation.image_grid import save_image_grid
+from tokenizer.losses.reconstruction import LossTerms
 from tokenizer.models import VQVAE
 from tokenizer.quantize.codebook import perplexity, usage
 
-logger = logging.getLogger("tokenizer.train")
+logger = logging.getLogger("tokenizer.training.loop")
 
 
 class MetricWindow:

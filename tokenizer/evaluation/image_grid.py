@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenizer.metrics import to_unit_range
+from tokenizer.evaluation.metrics import to_unit_range
 
 
 def image_grid(rows: list[torch.Tensor], pad: int = 2) -> Image.Image:

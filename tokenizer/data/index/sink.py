@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer.data.index_format import FailedSample, GridSpec, ShardRecord
-from tokenizer.data.index_writer import IndexShardWriter
+from tokenizer.data.index.format import FailedSample, GridSpec, ShardRecord
+from tokenizer.data.index.writer import IndexShardWriter
 
 
 @dataclass

@@ -8,8 +8,8 @@ from itertools import islice
 
 import torch
 
-from tokenizer.data import iter_eval_batches
-from tokenizer.metrics import psnr_per_image, ssim_per_image
+from tokenizer.data.stream import iter_eval_batches
+from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image
 from tokenizer.models import VQVAE
 from tokenizer.quantize.codebook import perplexity, usage
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenizer.data.augment import ColorJitter, apply_color_jitter
-from tokenizer.data.image_modes import ALPHA_BACKGROUND, as_rgb
+from tokenizer.data.images.augment import ColorJitter, apply_color_jitter
+from tokenizer.data.images.modes import ALPHA_BACKGROUND, as_rgb
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:

@@ -41,9 +41,9 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
-from tokenizer.engine import deepspeed_fp32_weights
+from tokenizer.training.engine import deepspeed_fp32_weights
 
-logger = logging.getLogger("tokenizer.checkpoint")
+logger = logging.getLogger("tokenizer.training.checkpoint")
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_FILE = "trainer.json"

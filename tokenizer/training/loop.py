@@ -10,25 +10,25 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from tokenizer.checkpoint import load_training_state, resolve_resume, save_training_state
 from tokenizer.config import Config, to_yaml
-from tokenizer.data import iter_eval_batches, make_train_loader
 from tokenizer.data.shard_specs import resolve_shards
+from tokenizer.data.stream import iter_eval_batches, make_train_loader
 from tokenizer.distributed import (
     Collective,
     broadcast_buffers,
     check_same_state,
     current_collective,
 )
-from tokenizer.engine import make_accelerator
-from tokenizer.evaluate import EvalResult, evaluate_shards
-from tokenizer.losses import vqvae_loss
-from tokenizer.metrics import psnr_per_image
+from tokenizer.evaluation.evaluate import EvalResult, evaluate_shards
+from tokenizer.evaluation.metrics import psnr_per_image
+from tokenizer.losses.reconstruction import vqvae_loss
 from tokenizer.models import VQVAE, build_model
-from tokenizer.optim import build_optimizer
-from tokenizer.train_log import TrainLog
+from tokenizer.training.checkpoint import load_training_state, resolve_resume, save_training_state
+from tokenizer.training.engine import make_accelerator
+from tokenizer.training.log import TrainLog
+from tokenizer.training.optim import build_optimizer
 
-logger = logging.getLogger("tokenizer.train")
+logger = logging.getLogger("tokenizer.training.loop")
 
 
 @dataclass

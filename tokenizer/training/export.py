@@ -6,8 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizer.api import Tokenizer
-from tokenizer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint_weights
 from tokenizer.config import load_config
+from tokenizer.training.checkpoint import (
+    checkpoint_step,
+    latest_checkpoint,
+    load_checkpoint_weights,
+)
 
 
 @dataclass

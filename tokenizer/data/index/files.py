@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tokenizer.data.index_format import (
+from tokenizer.data.index.format import (
     RECORDS_DIR,
     SAMPLES_SIDECAR,
     GridSpec,

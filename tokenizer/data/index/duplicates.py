@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer.data.index_format import ShardRecord, key_digest
+from tokenizer.data.index.format import ShardRecord, key_digest
 from tokenizer.data.tars import read_tar
 
 _NAMED = 10  # duplicates named in a message; the count covers all

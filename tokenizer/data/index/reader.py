@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tokenizer.data.index_format import (
+from tokenizer.data.index.format import (
     IndexManifest,
     load_tokens,
     read_manifest,

@@ -30,9 +30,11 @@ from accelerate.utils import InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
 from tokenizer.api import Tokenizer
-from tokenizer.data.index_duplicates import DuplicateKeysError, find_duplicates
-from tokenizer.data.index_existing import check_no_strays, index_inputs
-from tokenizer.data.index_format import (
+from tokenizer.cli.progress import ImageProgress
+from tokenizer.data.images.transforms import eval_preprocessing
+from tokenizer.data.index.duplicates import DuplicateKeysError, find_duplicates
+from tokenizer.data.index.existing import check_no_strays, index_inputs
+from tokenizer.data.index.format import (
     MANIFEST,
     GridSpec,
     IndexManifest,
@@ -45,12 +47,10 @@ from tokenizer.data.index_format import (
     settings_digest,
     write_json_atomic,
 )
-from tokenizer.data.index_sink import EncodedBatch, IndexSink
-from tokenizer.data.index_writer import completed_record, remove_stale_temporaries
+from tokenizer.data.index.sink import EncodedBatch, IndexSink
+from tokenizer.data.index.writer import completed_record, remove_stale_temporaries
 from tokenizer.data.shard_specs import check_shards_exist, resolve_shards
 from tokenizer.data.source_batches import SourceBatch, SourceShards
-from tokenizer.data.transforms import eval_preprocessing
-from tokenizer.progress import ImageProgress
 
 # Ranks finish their last shards at different times; the final barrier must outwait that.
 _BARRIER_TIMEOUT = timedelta(hours=12)

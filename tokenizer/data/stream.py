@@ -29,7 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tokenizer.config import DataConfig
-from tokenizer.data.augment import ColorJitter
+from tokenizer.data.images.augment import ColorJitter
+from tokenizer.data.images.transforms import eval_transform, train_transform
 from tokenizer.data.order import AUGMENT, SHUFFLE, buffer_shuffle, mix_seed, shard_order
 from tokenizer.data.shard_specs import check_shards_exist, expand_shards
 from tokenizer.data.tars import (
@@ -40,7 +41,6 @@ from tokenizer.data.tars import (
     read_tar,
     slot_samples,
 )
-from tokenizer.data.transforms import eval_transform, train_transform
 
 logger = logging.getLogger(__name__)
 

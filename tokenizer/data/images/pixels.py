@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenizer.data.image_modes import RANGE_SLACK, sixteen_to_eight
-from tokenizer.data.transforms import to_uint8_tensor
+from tokenizer.data.images.modes import RANGE_SLACK, sixteen_to_eight
+from tokenizer.data.images.transforms import to_uint8_tensor
 
 ImageInput: TypeAlias = torch.Tensor | np.ndarray | Image.Image | Sequence[Any]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from tokenizer.data.image_modes import ImageModeError, as_rgb, oriented
+from tokenizer.data.images.modes import ImageModeError, as_rgb, oriented
 from tokenizer.data.tars import IMAGE_EXTENSIONS
 
 # PIL formats whose bytes the reader decodes as they are, by the extension they are stored
@@ -96,7 +96,7 @@ def _fits_16_bits(image: Image.Image) -> bool:
 
 
 def _same_pixels(a: Image.Image, b: Image.Image) -> bool:
-    """The same RGB for the training reader (tokenizer.data.image_modes.as_rgb)."""
+    """The same RGB for the training reader (tokenizer.data.images.modes.as_rgb)."""
     return a.size == b.size and as_rgb(a).tobytes() == as_rgb(b).tobytes()
 
 

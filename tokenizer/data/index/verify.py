@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer.data.index_duplicates import describe_duplicates, find_duplicates
-from tokenizer.data.index_files import sha256_file, unlisted_files
-from tokenizer.data.index_format import (
+from tokenizer.data.index.duplicates import describe_duplicates, find_duplicates
+from tokenizer.data.index.files import sha256_file, unlisted_files
+from tokenizer.data.index.format import (
     GridSpec,
     IndexManifest,
     ShardRecord,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokenizer.data.index_files import packed_files
-from tokenizer.data.index_format import (
+from tokenizer.data.index.files import packed_files
+from tokenizer.data.index.format import (
     RECORDS_DIR,
     FailedSample,
     GridSpec,
@@ -29,7 +29,7 @@ from tokenizer.data.index_format import (
     tokens_bytes,
     write_record,
 )
-from tokenizer.data.shard_writer import HashingFile, TarShardWriter
+from tokenizer.data.writer import HashingFile, TarShardWriter
 
 
 class IndexShardWriter:

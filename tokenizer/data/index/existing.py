@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizer.data.index_files import unlisted_files
-from tokenizer.data.index_format import MANIFEST, GridSpec, IndexManifest, read_manifest
-from tokenizer.data.index_writer import check_settings
+from tokenizer.data.index.files import unlisted_files
+from tokenizer.data.index.format import MANIFEST, GridSpec, IndexManifest, read_manifest
+from tokenizer.data.index.writer import check_settings
 
 _NAMED = 5
 

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction metrics (PSNR, SSIM), held-out evaluation, image grids."""

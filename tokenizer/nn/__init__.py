@@ -1,0 +1,5 @@
+"""Building blocks of the models."""
+
+from tokenizer.nn.paper import Decoder, Encoder, ResidualBlock
+
+__all__ = ["Decoder", "Encoder", "ResidualBlock"]

@@ -1,0 +1,1 @@
+"""Tokenizing a corpus: image shards in, index shards out (tools/tokenize_dataset.py)."""
