@@ -383,12 +383,12 @@ def test_codebook_config_trains_one_step(overlay: str, codebook_size: int) -> No
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     model.train()
     out = model(x)
-    loss = F.mse_loss(out.reconstruction, x) + out.quantizer.loss
+    loss = F.mse_loss(out.reconstruction, x) + out.grids["tokens"].loss
     loss.backward()
     optimizer.step()
 
     assert torch.isfinite(loss)
-    assert out.quantizer.indices.shape == (2, 16, 16)
+    assert out.grids["tokens"].indices.shape == (2, 16, 16)
     assert q.initialized and q.step.item() == 1
     torch.testing.assert_close(q.codebook.norm(dim=1), torch.ones(codebook_size))
     changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True)]

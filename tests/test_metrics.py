@@ -65,7 +65,7 @@ class _DimmingAutoencoder(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> SimpleNamespace:
         counts = torch.tensor([images.shape[0], 0.0, 1.0, 0.0])  # (K,)
         return SimpleNamespace(
-            reconstruction=0.8 * images, quantizer=SimpleNamespace(counts=counts)
+            reconstruction=0.8 * images, grids={"tokens": SimpleNamespace(counts=counts)}
         )
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig
-from tokenizer.models import VQVAE, VQVAEOutput, build_model
+from tokenizer.models import VQVAE, TokenizerOutput, build_model
 from tokenizer.nn.paper import Decoder, Encoder, ResidualBlock
 from tokenizer.quantize import SearchResult, TorchSearch
 
@@ -36,11 +36,11 @@ def test_shapes(channels: list[int], factor: int) -> None:
     z_e = model.encode(x)
     assert z_e.shape == (2, 8, 16 // factor, 16 // factor)
     out = model(x)
-    assert isinstance(out, VQVAEOutput)
+    assert isinstance(out, TokenizerOutput)
     assert out.reconstruction.shape == x.shape
-    assert out.quantizer.indices.shape == (2, 16 // factor, 16 // factor)
-    assert out.quantizer.quantized.shape == z_e.shape
-    assert out.quantizer.counts.shape == (32,)
+    assert out.grids["tokens"].indices.shape == (2, 16 // factor, 16 // factor)
+    assert out.grids["tokens"].quantized.shape == z_e.shape
+    assert out.grids["tokens"].counts.shape == (32,)
 
 
 @pytest.mark.parametrize("channels", [[32, 64], [32]])
@@ -63,7 +63,7 @@ def test_gradients_reach_encoder_and_decoder(ema: bool) -> None:
     model = _model([16, 32], ema=ema)
     x = _smooth_images(2, 16, seed=0)
     out = model(x)
-    (F.mse_loss(out.reconstruction, x) + out.quantizer.loss).backward()
+    (F.mse_loss(out.reconstruction, x) + out.grids["tokens"].loss).backward()
     for name, module in (("encoder", model.encoder), ("decoder", model.decoder)):
         for pname, p in module.named_parameters():
             assert p.grad is not None, f"{name}.{pname} got no gradient"
@@ -84,7 +84,7 @@ def test_adam_steps_reduce_reconstruction_loss() -> None:
         out = model(x)
         reconstruction = F.mse_loss(out.reconstruction, x)
         optimiser.zero_grad()
-        (reconstruction + out.quantizer.loss).backward()
+        (reconstruction + out.grids["tokens"].loss).backward()
         optimiser.step()
         losses.append(reconstruction.item())
     assert losses[-1] < 0.6 * losses[0], losses
@@ -108,11 +108,11 @@ def test_bf16_autocast_forward_keeps_distances_fp32() -> None:
     x = _smooth_images(2, 16, seed=2)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = model(x)
-        loss = F.mse_loss(out.reconstruction.float(), x) + out.quantizer.loss
+        loss = F.mse_loss(out.reconstruction.float(), x) + out.grids["tokens"].loss
     loss.backward()
     assert len(seen) == 1 and seen[0].distances.dtype == torch.float32
     assert out.reconstruction.shape == x.shape
-    assert out.quantizer.loss.dtype == torch.float32
+    assert out.grids["tokens"].loss.dtype == torch.float32
     assert torch.isfinite(loss)
     assert model.quantizer.embed.dtype == torch.float32
 

@@ -31,6 +31,10 @@ from tokenizer.data.images.modes import as_rgb
 from tokenizer.data.images.pixels import ImageInput, as_pixel_batch
 from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
 from tokenizer.models import VQVAE, build_model
+
+# The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
+# ("top", "bottom") and encode_grids returns one entry per grid.
+from tokenizer.models.base import SINGLE_GRID  # noqa: E402  (re-exported)
 from tokenizer.quantize import search_from_config
 from tokenizer.release import (
     RELEASE_CONFIG,
@@ -40,10 +44,6 @@ from tokenizer.release import (
     weights_fingerprint,
     write_release,
 )
-
-# The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
-# ("top", "bottom") and encode_grids returns one entry per grid.
-SINGLE_GRID = "tokens"
 
 # The exact search a Tokenizer runs for each training backend (see the module docstring).
 EXACT_SEARCH = {"torch": "torch", "faiss": "faiss", "faiss-ivf": "faiss", "auto": "auto"}

@@ -10,7 +10,7 @@ import torch
 
 from tokenizer.data.stream import iter_eval_batches
 from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image
-from tokenizer.models import VQVAE
+from tokenizer.models import SINGLE_GRID, VQVAE
 from tokenizer.quantize.codebook import perplexity, usage
 
 
@@ -50,7 +50,7 @@ def evaluate(
         if batch.shape[0]:  # lockstep's empty batches have no pixels to slide a window over
             ssim_sum += ssim_per_image(batch, out.reconstruction).sum()
         num_images += batch.shape[0]
-        counts += out.quantizer.counts  # (K,) this batch's, computed by the quantizer
+        counts += out.grids[SINGLE_GRID].counts  # (K,) this batch's, computed by the quantizer
         if on_batch is not None:
             on_batch(batch.shape[0])
     model.train(was_training)

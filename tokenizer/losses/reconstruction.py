@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenizer.models import VQVAEOutput
+from tokenizer.models import TokenizerOutput
 
 
 @dataclass
@@ -29,12 +29,13 @@ def reconstruction_loss(
     raise ValueError(f"loss.reconstruction: unknown kind {kind!r} (mse, l1)")
 
 
-def vqvae_loss(images: torch.Tensor, output: VQVAEOutput, kind: str) -> LossTerms:
+def vqvae_loss(images: torch.Tensor, output: TokenizerOutput, kind: str) -> LossTerms:
+    """Reconstruction + every grid's quantizer loss; the VQ terms summed over grids."""
     recon = reconstruction_loss(images, output.reconstruction, kind)
-    q = output.quantizer
+    grids = output.grids.values()
     return LossTerms(
-        total=recon + q.loss,
+        total=recon + output.quantizer_loss,
         reconstruction=recon,
-        codebook=q.codebook_loss,
-        commitment=q.commitment_loss,
+        codebook=sum(q.codebook_loss for q in grids),
+        commitment=sum(q.commitment_loss for q in grids),
     )

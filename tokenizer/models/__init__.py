@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tokenizer.config import Config, ConfigError
-from tokenizer.models.vqvae import VQVAE, VQVAEOutput
+from tokenizer.models.base import SINGLE_GRID, TokenizerModel, TokenizerOutput
+from tokenizer.models.vqvae import VQVAE
 
 _ARCHS = ("vqvae",)
 
@@ -15,4 +16,4 @@ def build_model(cfg: Config) -> VQVAE:
     raise ConfigError(f"unknown model.arch {cfg.model.arch!r}; choices: {', '.join(_ARCHS)}")
 
 
-__all__ = ["VQVAE", "VQVAEOutput", "build_model"]
+__all__ = ["SINGLE_GRID", "VQVAE", "TokenizerModel", "TokenizerOutput", "build_model"]

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from tokenizer.config import ModelConfig, QuantizerConfig
+from tokenizer.models.base import SINGLE_GRID, TokenizerOutput
 from tokenizer.nn.paper import Decoder, Encoder
-from tokenizer.outputs import NamedOutput
 from tokenizer.quantize import QuantizerOutput, VectorQuantizer, search_from_config
-
-
-@dataclass
-class VQVAEOutput(NamedOutput):
-    reconstruction: Tensor  # (B, 3, H, W)
-    quantizer: QuantizerOutput
 
 
 class VQVAE(nn.Module):
@@ -61,6 +53,13 @@ class VQVAE(nn.Module):
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
+    def quantizers(self) -> dict[str, VectorQuantizer]:
+        # The attribute keeps its name: release weights are keyed `quantizer.*`.
+        return {SINGLE_GRID: self.quantizer}
+
+    def downsample_factors(self) -> dict[str, int]:
+        return {SINGLE_GRID: self._downsample_factor}
+
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> z_e (B, D, H/f, W/f)."""
         # Engines that cast the weights (DeepSpeed bf16) get inputs of the weights' dtype.
@@ -77,9 +76,15 @@ class VQVAE(nn.Module):
         """Code grid (B, h, w) -> images (B, 3, h*f, w*f)."""
         return self.decode(self.quantizer.lookup(indices))  # (B, D, h, w) in between
 
-    def forward(self, x: Tensor) -> VQVAEOutput:
+    def encode_codes(self, x: Tensor) -> dict[str, Tensor]:
+        return {SINGLE_GRID: self.quantize(self.encode(x)).indices}  # (B, h, w)
+
+    def decode_codes(self, codes: dict[str, Tensor]) -> Tensor:
+        return self.decode_indices(codes[SINGLE_GRID])
+
+    def forward(self, x: Tensor) -> TokenizerOutput:
         q = self.quantize(self.encode(x))
-        return VQVAEOutput(reconstruction=self.decode(q.quantized), quantizer=q)
+        return TokenizerOutput(reconstruction=self.decode(q.quantized), grids={SINGLE_GRID: q})
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:

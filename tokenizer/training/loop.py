@@ -22,7 +22,7 @@ from tokenizer.distributed import (
 from tokenizer.evaluation.evaluate import EvalResult, evaluate_shards
 from tokenizer.evaluation.metrics import psnr_per_image
 from tokenizer.losses.reconstruction import vqvae_loss
-from tokenizer.models import VQVAE, build_model
+from tokenizer.models import SINGLE_GRID, VQVAE, build_model
 from tokenizer.training.checkpoint import load_training_state, resolve_resume, save_training_state
 from tokenizer.training.engine import make_accelerator
 from tokenizer.training.log import TrainLog
@@ -148,7 +148,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
-            log.window.add(terms, psnr, out.quantizer.counts)
+            log.window.add(terms, psnr, out.grids[SINGLE_GRID].counts)
         scheduler.step()
         step += 1
 
