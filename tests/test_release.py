@@ -399,8 +399,14 @@ def test_a_faiss_release_loads_without_faiss_when_told_to_search_in_torch(tmp_pa
     rel = _release_with_search(tmp_path, "faiss")
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now fails
     with pytest.raises(ImportError, match=r"needs faiss.*or pass search='torch'"):
-        Tokenizer.from_pretrained(rel)
+        Tokenizer.from_pretrained(rel, search="faiss")
+    # The release's default falls back to the exact torch search: the same codes.
+    fallback = Tokenizer.from_pretrained(rel)
+    assert isinstance(fallback.model.quantizer.search, TorchSearch)
+    assert fallback.search_backend == "torch"
     tok = Tokenizer.from_pretrained(rel, search="torch")
+    images = torch.rand(1, 3, 32, 32)
+    assert torch.equal(fallback.encode(images), tok.encode(images))
     assert isinstance(tok.model.quantizer.search, TorchSearch)
     assert tok.encode(torch.rand(1, 3, 32, 32)).shape == (1, 8, 8)
     with pytest.raises(ValueError, match="searches exactly"):

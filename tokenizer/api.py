@@ -51,6 +51,14 @@ EXACT_SEARCH = {"torch": "torch", "faiss": "faiss", "faiss-ivf": "faiss", "auto"
 __all__ = ["SINGLE_GRID", "Tokenizer", "weights_fingerprint"]
 
 
+def _faiss_importable() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def exact_search_name(trained: str, override: str | None = None) -> str:
     """The backend a Tokenizer searches with: `override` ("torch", "faiss" or "auto"),
     else the exact counterpart of the backend the model was trained with."""
@@ -65,7 +73,12 @@ def exact_search_name(trained: str, override: str | None = None) -> str:
         raise ValueError(
             f"quantizer.search {trained!r} is not a search backend ({', '.join(EXACT_SEARCH)})"
         )
-    return EXACT_SEARCH[trained]
+    exact = EXACT_SEARCH[trained]
+    # The release's own choice is a default, not a demand: without faiss the exact torch
+    # search gives the same codes. Only an explicit search="faiss" insists on faiss.
+    if exact == "faiss" and not _faiss_importable():
+        return "torch"
+    return exact
 
 
 class Tokenizer:
