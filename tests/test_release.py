@@ -395,8 +395,11 @@ def test_a_release_with_a_faiss_search_gives_the_exact_codes(tmp_path, search, r
         assert not torch.equal(ivf, want.flatten())
 
 
-def test_a_faiss_release_loads_without_faiss_when_told_to_search_in_torch(tmp_path, monkeypatch):
-    rel = _release_with_search(tmp_path, "faiss")
+@pytest.mark.parametrize("trained", ["faiss", "faiss-ivf"])
+def test_a_faiss_release_loads_without_faiss_when_told_to_search_in_torch(
+    tmp_path, monkeypatch, trained
+):
+    rel = _release_with_search(tmp_path, trained)
     monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now fails
     with pytest.raises(ImportError, match=r"needs faiss.*or pass search='torch'"):
         Tokenizer.from_pretrained(rel, search="faiss")
