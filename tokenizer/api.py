@@ -89,14 +89,16 @@ class Tokenizer:
         self.model = model.eval()
         self.config = config
         self.search_backend = exact_search_name(config.quantizer.search, search)
-        try:
-            backend = search_from_config(replace(config.quantizer, search=self.search_backend))
-        except ImportError as err:
-            raise ImportError(
-                f"{err}; or pass search='torch' (exact too: the same codes, slower on CPU)"
-            ) from err
-        # A plain attribute of the quantizer (no state): swapping it changes nothing else.
-        self.model.quantizer.search = backend
+        search_cfg = replace(config.quantizer, search=self.search_backend)
+        # A plain attribute of each quantizer (no state): swapping it changes nothing else.
+        # One backend per grid: a backend may cache its index of one codebook.
+        for quantizer in self.model.quantizers().values():
+            try:
+                quantizer.search = search_from_config(search_cfg)
+            except ImportError as err:
+                raise ImportError(
+                    f"{err}; or pass search='torch' (exact too: the same codes, slower on CPU)"
+                ) from err
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ loading, saving
