@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.api import weights_fingerprint
 from tokenizer.data.images.transforms import eval_transform
+from tokenizer.models.base import SINGLE_GRID
 from tokenizer.release import release_fingerprint
 
 OVERRIDES = [
@@ -133,3 +134,14 @@ def test_preprocess_is_the_evaluation_crop(tok):
     assert pixels.shape == (1, 3, 16, 16) and pixels.dtype == torch.uint8
     assert torch.equal(pixels[0].float() / 127.5 - 1.0, eval_transform(image, 16))
     assert tok.preprocess([image, image], resolution=8).shape == (2, 3, 8, 8)
+
+
+def test_single_grid_per_grid_facts_match_the_single_grid_ones(tok):
+    assert tok.grid_names == (SINGLE_GRID,)
+    assert tok.codebook_sizes == {SINGLE_GRID: tok.codebook_size}
+    assert tok.grid_shapes(32, 64) == {SINGLE_GRID: tok.grid_shape(32, 64)}
+    images = torch.rand(2, 3, 32, 32)
+    grids = tok.encode_grids(images)
+    assert set(grids) == {SINGLE_GRID} and torch.equal(grids[SINGLE_GRID], tok.encode(images))
+    with pytest.raises(ValueError, match="not divisible"):
+        tok.grid_shapes(33, 32)

@@ -207,7 +207,23 @@ class Tokenizer:
 
     @property
     def grid_names(self) -> tuple[str, ...]:
-        return (SINGLE_GRID,)
+        return tuple(self.model.quantizers())
+
+    @property
+    def codebook_sizes(self) -> dict[str, int]:
+        """K of every grid's codebook."""
+        return {name: q.codebook_size for name, q in self.model.quantizers().items()}
+
+    def grid_shapes(self, height: int, width: int) -> dict[str, tuple[int, int]]:
+        """(h, w) of every grid for an image of (height, width) pixels."""
+        self._check_image_size(height, width)
+        return {
+            name: (height // f, width // f) for name, f in self.model.downsample_factors().items()
+        }
+
+    def _check_image_size(self, height: int, width: int) -> None:
+        for f in self.model.downsample_factors().values():
+            self._grid_shape(height, width, f)
 
     @property
     def fingerprint(self) -> str:
@@ -231,7 +247,9 @@ class Tokenizer:
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         """Code grid (h, w) of an image of (height, width) pixels."""
-        f = self.downsample_factor
+        return self._grid_shape(height, width, self.downsample_factor)
+
+    def _grid_shape(self, height: int, width: int, f: int) -> tuple[int, int]:
         if height % f or width % f:
             crop = (height // f * f, width // f * f)
             example = f" (here {crop})" if min(crop) > 0 else ""
@@ -265,15 +283,14 @@ class Tokenizer:
     def encode_grids(self, images: ImageInput) -> dict[str, torch.Tensor]:
         """Every code grid of the model: grid name -> (B, h, w) int64."""
         pixels = as_pixel_batch(images)  # (B, 3, H, W) uint8 or float in [0, 1]
-        self.grid_shape(pixels.shape[2], pixels.shape[3])
+        self._check_image_size(pixels.shape[2], pixels.shape[3])
         pixels = pixels.to(self.device, non_blocking=True)
         if pixels.dtype == torch.uint8:
             x = uint8_to_model_range(pixels)  # (B, 3, H, W) in [-1, 1]
         else:
             x = pixels.float() * 2.0 - 1.0
         # encode() casts to the weights' dtype itself.
-        indices = self.model.quantize(self.model.encode(x)).indices
-        return {SINGLE_GRID: indices}  # (B, h, w)
+        return self.model.encode_codes(x)  # grid -> (B, h, w)
 
     def encode(self, images: ImageInput) -> torch.Tensor:
         """Images -> codes (B, H/f, W/f) int64, on the tokenizer's device. A single image
