@@ -145,3 +145,12 @@ def test_single_grid_per_grid_facts_match_the_single_grid_ones(tok):
     assert set(grids) == {SINGLE_GRID} and torch.equal(grids[SINGLE_GRID], tok.encode(images))
     with pytest.raises(ValueError, match="not divisible"):
         tok.grid_shapes(33, 32)
+
+
+def test_decode_grids_is_decode_for_a_single_grid(tok):
+    codes = tok.encode(torch.rand(2, 3, 32, 32))  # (2, h, w)
+    assert torch.equal(tok.decode_grids({SINGLE_GRID: codes}), tok.decode(codes))
+    with pytest.raises(ValueError, match="needs grids"):
+        tok.decode_grids({"top": codes})
+    with pytest.raises(ValueError, match=r"grid 'tokens': codes outside"):
+        tok.decode_grids({SINGLE_GRID: codes * 0 + tok.codebook_size})

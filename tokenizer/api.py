@@ -297,14 +297,17 @@ class Tokenizer:
         (PIL, (3, H, W) tensor, (H, W, 3) array) is a batch of one."""
         return self.encode_grids(images)[SINGLE_GRID]
 
-    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+    def _check_codes(
+        self, codes: torch.Tensor, k: int | None = None, grid: str | None = None
+    ) -> torch.Tensor:
+        k = self.codebook_size if k is None else k
+        where = f"grid {grid!r}: " if grid is not None else ""
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be integers, got {codes.dtype}")
+            raise ValueError(f"{where}codes must be integers, got {codes.dtype}")
         codes = codes.to(self.device, torch.long)
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+        if codes.numel() and (codes.min() < 0 or codes.max() >= k):
             raise ValueError(
-                f"codes outside [0, {self.codebook_size}): "
-                f"min {codes.min().item()}, max {codes.max().item()}"
+                f"{where}codes outside [0, {k}): min {codes.min().item()}, max {codes.max().item()}"
             )
         return codes
 
@@ -323,6 +326,26 @@ class Tokenizer:
         codes = self._check_codes(codes[None] if single else codes)  # (B, h, w)
         images = ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0).float()
         return images[0] if single else images  # (3, H, W) or (B, 3, H, W)
+
+    @torch.no_grad()
+    def decode_grids(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every grid's integer codes (B, h, w) -> images (B, 3, H, W) float in [0, 1].
+        Each grid is checked against its own K, and all against one image size."""
+        if set(codes) != set(self.grid_names):
+            raise ValueError(f"decode_grids needs grids {self.grid_names}, got {tuple(codes)}")
+        factors = self.model.downsample_factors()
+        checked, sizes = {}, set()
+        for name, grid in codes.items():
+            grid = torch.as_tensor(grid)
+            if grid.ndim != 3:
+                raise ValueError(f"grid {name!r}: expected (B, h, w), got {tuple(grid.shape)}")
+            checked[name] = self._check_codes(grid, self.codebook_sizes[name], name)
+            f = factors[name]
+            sizes.add((grid.shape[0], grid.shape[1] * f, grid.shape[2] * f))
+        if len(sizes) != 1:
+            raise ValueError(f"grids disagree on (B, H, W): {sorted(sizes)}")
+        images = self.model.decode_codes(checked)  # (B, 3, H, W) in [-1, 1]
+        return ((images + 1.0) / 2.0).clamp(0.0, 1.0).float()
 
     @torch.no_grad()
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
