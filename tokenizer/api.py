@@ -183,9 +183,16 @@ class Tokenizer:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def _single_grid(self, per_grid: str) -> str:
+        """The one grid's name; a multi-grid tokenizer points at the per-grid method."""
+        names = self.grid_names
+        if len(names) != 1:
+            raise ValueError(f"this tokenizer has grids {', '.join(names)}: use {per_grid}")
+        return names[0]
+
     @property
     def codebook_size(self) -> int:
-        return self.model.codebook_size
+        return self.codebook_sizes[self._single_grid("codebook_sizes")]
 
     @property
     def downsample_factor(self) -> int:
@@ -198,7 +205,8 @@ class Tokenizer:
     @property
     def codebook(self) -> torch.Tensor:
         """(K, D): the vectors the nearest-neighbour search compares against."""
-        return self.model.quantizer.codebook
+        grid = self._single_grid("model.quantizers()[grid].codebook")
+        return self.model.quantizers()[grid].codebook
 
     @property
     def resolution(self) -> int:
@@ -247,7 +255,8 @@ class Tokenizer:
 
     def grid_shape(self, height: int, width: int) -> tuple[int, int]:
         """Code grid (h, w) of an image of (height, width) pixels."""
-        return self._grid_shape(height, width, self.downsample_factor)
+        grid = self._single_grid("grid_shapes")
+        return self._grid_shape(height, width, self.model.downsample_factors()[grid])
 
     def _grid_shape(self, height: int, width: int, f: int) -> tuple[int, int]:
         if height % f or width % f:
@@ -295,7 +304,8 @@ class Tokenizer:
     def encode(self, images: ImageInput) -> torch.Tensor:
         """Images -> codes (B, H/f, W/f) int64, on the tokenizer's device. A single image
         (PIL, (3, H, W) tensor, (H, W, 3) array) is a batch of one."""
-        return self.encode_grids(images)[SINGLE_GRID]
+        grid = self._single_grid("encode_grids")
+        return self.encode_grids(images)[grid]
 
     def _check_codes(
         self, codes: torch.Tensor, k: int | None = None, grid: str | None = None
@@ -316,6 +326,7 @@ class Tokenizer:
         """codes (B, h, w) integer (int64, int32, uint16 ...) -> images (B, 3, h*f, w*f)
         float in [0, 1]. One grid (h, w), as an index shard stores a sample, gives one
         image (3, h*f, w*f), as encode takes one image."""
+        grid = self._single_grid("decode_grids")
         codes = torch.as_tensor(codes)
         if codes.ndim not in (2, 3):
             raise ValueError(
@@ -324,7 +335,7 @@ class Tokenizer:
             )
         single = codes.ndim == 2
         codes = self._check_codes(codes[None] if single else codes)  # (B, h, w)
-        images = ((self.model.decode_indices(codes) + 1.0) / 2.0).clamp(0.0, 1.0).float()
+        images = self.decode_grids({grid: codes})  # (B, 3, H, W)
         return images[0] if single else images  # (3, H, W) or (B, 3, H, W)
 
     @torch.no_grad()
