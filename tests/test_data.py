@@ -19,10 +19,9 @@ from tokenize_helpers import plain_tar_samples
 
 from tokenizer.config import DataConfig
 from tokenizer.data.order import shard_order
+from tokenizer.data.shard_specs import check_shards_exist, expand_shards
 from tokenizer.data.stream import (
     ImageBatch,
-    check_shards_exist,
-    expand_shards,
     iter_eval_batches,
     iter_train_batches,
     make_train_loader,

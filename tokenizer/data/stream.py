@@ -1,18 +1,14 @@
 """Stream images from webdataset tar shards, deterministically and resumably.
 
 Training is step-based, so every (rank, worker) reads an INFINITE stream: no rank runs
-out first, and DDP never hangs at an epoch end. For epoch e:
+out first, and DDP never hangs at an epoch end. The stream is the one resumable shard
+stream (shard_stream.py: per-epoch shard order, rank x worker slots, shuffle buffer,
+exact skip) with an image decode: decode, then augment with randomness from
+(seed, epoch, slot, raw index).
 
-- the shard order is a permutation drawn from (seed, e), the same on every rank;
-- slot = rank * W + worker reads order[slot::nslots] (nslots = world_size * W), or, with
-  fewer shards than slots, every shard keeping the raw samples whose running index is
-  congruent to slot;
-- raw samples (bytes) pass a shuffle buffer seeded from (seed, e, slot); the i-th sample
-  out of the buffer has raw index i in that epoch;
-- only then is a sample decoded and augmented, with randomness from (seed, e, slot, i).
-
-A stream's position is therefore just (epoch, next raw index): a resumed stream re-reads
-the tars of its epoch and drops the first next_index samples without decoding them.
+A stream's position is therefore just (epoch, next raw index): a resumed stream reads
+the tar headers of its epoch and seeks past the first next_index samples, neither
+reading nor decoding them.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,16 +27,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tokenizer.config import DataConfig
 from tokenizer.data.images.augment import ColorJitter
 from tokenizer.data.images.transforms import eval_transform, train_transform
-from tokenizer.data.order import AUGMENT, SHUFFLE, buffer_shuffle, mix_seed, shard_order
-from tokenizer.data.shard_specs import check_shards_exist, expand_shards
-from tokenizer.data.tars import (
-    IMAGE_EXTENSIONS,
-    DecodeError,
-    RawSample,
-    decode_image,
-    read_tar,
-    slot_samples,
+from tokenizer.data.order import AUGMENT, mix_seed, shard_order
+from tokenizer.data.shard_specs import resolve_shards
+from tokenizer.data.shard_stream import (
+    Place,
+    StreamItem,
+    StreamPosition,
+    StreamSpec,
+    iter_shard_stream,
 )
+from tokenizer.data.slots import reader_slot
+from tokenizer.data.tars import IMAGE_EXTENSIONS, DecodeError, RawSample, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +47,7 @@ __all__ = [
     "ImageBatch",
     "StreamPosition",
     "StreamTracker",
-    "check_shards_exist",
     "eval_transform",
-    "expand_shards",
     "iter_eval_batches",
     "iter_train_batches",
     "make_train_loader",
@@ -70,38 +65,6 @@ class ImageBatch:
     epoch: int  # epoch of the last sample in the batch
     next_index: int  # raw index (within that epoch) just past the last sample consumed
     skipped: int  # bad samples/tars skipped while building this batch
-
-
-@dataclass
-class StreamPosition:
-    epoch: int = 0
-    next_index: int = 0
-
-
-# --------------------------------------------------------------------------- shards
-
-
-# expand_shards / check_shards_exist live in shard_specs.py (imported above).
-
-
-# --------------------------------------------------------------------------- raw samples
-
-
-class _ErrorCount:
-    """Tar errors seen since the last emitted sample (they are charged to that sample)."""
-
-    def __init__(self, report: bool) -> None:
-        self.report = report
-        self.pending = 0
-
-    def __call__(self, message: str) -> None:
-        if self.report:
-            logger.warning(message)
-            self.pending += 1
-
-    def take(self) -> int:
-        pending, self.pending = self.pending, 0
-        return pending
 
 
 # --------------------------------------------------------------------------- decoding
@@ -124,30 +87,26 @@ def _text(raw: RawSample) -> str | None:
 
 
 @dataclass
-class _Item:
-    epoch: int
-    index: int
-    key: str
+class _Image:
+    tensor: torch.Tensor  # (3, R, R)
     text: str | None
-    image: torch.Tensor | None  # None: the sample was bad
-    skipped: int
 
 
 def _batches(
-    items: Iterator[_Item], batch_size: int, stream: int, keep_last: bool
+    items: Iterator[StreamItem[_Image]], batch_size: int, stream: int, keep_last: bool
 ) -> Iterator[ImageBatch]:
     images: list[torch.Tensor] = []
     keys: list[str] = []
     texts: list[str | None] = []
     skipped = 0
-    last: _Item | None = None
+    last: StreamItem[_Image] | None = None
     for item in items:
         skipped += item.skipped
-        if item.image is None:
+        if item.value is None:
             continue
-        images.append(item.image)
+        images.append(item.value.tensor)
         keys.append(item.key)
-        texts.append(item.text)
+        texts.append(item.value.text)
         last = item
         if len(images) == batch_size:
             yield ImageBatch(
@@ -160,53 +119,30 @@ def _batches(
         )
 
 
-def _train_items(
-    shards: Sequence[str],
-    resolution: int,
-    seed: int,
-    slot: int,
-    nslots: int,
-    shuffle_buffer: int,
-    random_flip: bool,
-    start: StreamPosition,
-    color_jitter: ColorJitter | None = None,
-) -> Iterator[_Item]:
-    # In the fallback every slot reads every shard; only slot 0 (rank 0, first worker)
-    # reports a broken tar, so it is counted once in all rather than once per slot.
-    errors = _ErrorCount(report=len(shards) >= nslots or slot == 0)
-    epoch = start.epoch
-    while True:
-        order = shard_order(seed, epoch, len(shards))
-        raws = slot_samples(shards, order, slot, nslots, errors)
-        skip = start.next_index if epoch == start.epoch else 0
-        emitted = decoded = 0
-        shuffled = buffer_shuffle(
-            raws, shuffle_buffer, random.Random(mix_seed(seed, SHUFFLE, epoch, slot))
-        )
-        for i, raw in enumerate(shuffled):
-            emitted += 1
-            tar_errors = errors.take()
-            if i < skip:
-                continue  # consumed before the resume: no decode, already counted
-            image = _decode(raw, resolution)
-            tensor = None
-            if image is not None:
-                decoded += 1
-                rng = random.Random(mix_seed(seed, AUGMENT, epoch, slot, i))
-                tensor = train_transform(image, resolution, random_flip, rng, color_jitter)
-            yield _Item(epoch, i, raw.key, _text(raw), tensor, tar_errors + (image is None))
-        # Without these checks a stream with nothing usable would spin forever.
-        if emitted == 0:
-            raise RuntimeError(
-                f"slot {slot} of {nslots} got no samples in epoch {epoch} from {len(shards)} "
-                f"shards (fewer samples than ranks x workers?): {', '.join(shards[:10])}"
-            )
-        if decoded == 0 and skip == 0:
-            raise RuntimeError(
-                f"slot {slot} of {nslots}: no decodable image in a whole epoch of shards "
-                f"{', '.join(shards[:10])}"
-            )
-        epoch += 1
+def train_decode(
+    resolution: int, seed: int, random_flip: bool, color_jitter: ColorJitter | None = None
+) -> Callable[[RawSample, Place], _Image | None]:
+    """The training decode: image -> random crop, flip and jitter seeded by its place."""
+
+    def decode(raw: RawSample, place: Place) -> _Image | None:
+        image = _decode(raw, resolution)
+        if image is None:
+            return None
+        rng = random.Random(mix_seed(seed, AUGMENT, place.epoch, place.slot, place.index))
+        tensor = train_transform(image, resolution, random_flip, rng, color_jitter)
+        return _Image(tensor, _text(raw))
+
+    return decode
+
+
+def eval_decode(resolution: int) -> Callable[[RawSample, Place], _Image | None]:
+    """The evaluation decode: image -> centre crop."""
+
+    def decode(raw: RawSample, place: Place) -> _Image | None:
+        image = _decode(raw, resolution)
+        return None if image is None else _Image(eval_transform(image, resolution), _text(raw))
+
+    return decode
 
 
 def iter_train_batches(
@@ -224,17 +160,12 @@ def iter_train_batches(
     color_jitter: ColorJitter | None = None,
 ) -> Iterator[ImageBatch]:
     """The infinite batch stream of one logical stream (worker) of one rank."""
-    slot, nslots = rank * num_streams + stream, world_size * num_streams
-    items = _train_items(
-        shards,
-        resolution,
-        seed,
-        slot,
-        nslots,
-        shuffle_buffer,
-        random_flip,
-        start or StreamPosition(),
-        color_jitter,
+    spec = StreamSpec(shards, seed, shuffle_buffer=shuffle_buffer, what="image")
+    items = iter_shard_stream(
+        spec,
+        train_decode(resolution, seed, random_flip, color_jitter),
+        reader_slot(rank, world_size, stream, num_streams),
+        start,
     )
     return _batches(items, batch_size, stream, keep_last=False)
 
@@ -352,10 +283,9 @@ def make_train_loader(
     batch the training loop consumes; pass tracker.state_dict() back as `state` to
     resume exactly. Do not pass the loader through accelerate's prepare().
     """
-    shards = expand_shards(shards)
+    shards = resolve_shards(shards, "data.train_shards", required=False)
     if not shards:
         raise ValueError("no training shards given (the shard list or pattern is empty)")
-    check_shards_exist(shards)
     num_streams = max(1, cfg.num_workers)
     if len(shards) < world_size * num_streams:
         logger.warning(
@@ -405,26 +335,6 @@ def make_train_loader(
 # --------------------------------------------------------------------------- eval
 
 
-def _eval_items(
-    shards: Sequence[str], resolution: int, rank: int, world_size: int
-) -> Iterator[_Item]:
-    errors = _ErrorCount(report=True)
-    if len(shards) >= world_size:
-        raws: Iterable[RawSample] = (
-            r for s in shards[rank::world_size] for r in read_tar(s, errors)
-        )
-    else:
-        every = (r for s in shards for r in read_tar(s, errors))
-        raws = (r for n, r in enumerate(every) if n % world_size == rank)
-    i = -1
-    for i, raw in enumerate(raws):
-        image = _decode(raw, resolution)
-        tensor = None if image is None else eval_transform(image, resolution)
-        yield _Item(0, i, raw.key, _text(raw), tensor, errors.take() + (image is None))
-    if errors.pending:  # a broken tar after the last good sample still gets counted
-        yield _Item(0, i + 1, "", None, None, errors.take())
-
-
 def iter_eval_batches(
     shards: str | Sequence[str],
     resolution: int,
@@ -434,8 +344,10 @@ def iter_eval_batches(
 ) -> Iterator[ImageBatch]:
     """Every eval sample of this rank once, in shard order, centre-cropped; the last batch
     may be short, and ranks may get different numbers of batches."""
-    paths = expand_shards(shards)
-    check_shards_exist(paths)
-    return _batches(
-        _eval_items(paths, resolution, rank, world_size), batch_size, stream=0, keep_last=True
+    paths = resolve_shards(shards, "data.eval_shards", required=False)
+    # Every rank reports a broken tar it reads, also when every rank reads every shard.
+    spec = StreamSpec(paths, shuffle_shards=False, epochs=1, what="image")
+    items = iter_shard_stream(
+        spec, eval_decode(resolution), reader_slot(rank, world_size), report_errors=True
     )
+    return _batches(items, batch_size, stream=0, keep_last=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from tokenizer.data.index.format import (
     IndexManifest,
@@ -34,7 +34,8 @@ from tokenizer.data.index.format import (
     sidecar_bytes,
 )
 from tokenizer.data.order import SHUFFLE, buffer_shuffle, mix_seed, shard_order
-from tokenizer.data.tars import RawSample, slot_samples
+from tokenizer.data.slots import Slot, current_slot
+from tokenizer.data.tars import RawSample, SampleRef, slot_samples
 from tokenizer.distributed import current_collective
 
 if TYPE_CHECKING:
@@ -142,22 +143,21 @@ class IndexShards(IterableDataset):
         carried = {k: v for k, v in raw.fields.items() if k not in code_fields}
         return IndexSample(raw.key, grids, carried)
 
-    def _raws(self, shards: Sequence[str], slot: int, nslots: int) -> Iterator[RawSample]:
+    def _raws(self, shards: Sequence[str], slot: Slot) -> Iterator[RawSample | SampleRef]:
         def broken(message: str) -> None:
             raise RuntimeError(f"{message}: this index shard is damaged; re-run the tokenizer")
 
         order = shard_order(self.seed, self.epoch, len(shards)) if self.shuffle else None
         order = order if order is not None else list(range(len(shards)))
-        yield from slot_samples(shards, order, slot, nslots, broken)
+        yield from slot_samples(shards, order, slot, broken)
 
     def __iter__(self) -> Iterator[IndexSample]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slot, nslots = self.rank * workers + worker, self.world_size * workers
-        samples = (self._sample(raw) for raw in self._raws(self.shard_paths, slot, nslots))
+        slot = current_slot(self.rank, self.world_size)
+        raws = self._raws(self.shard_paths, slot)
+        samples = (self._sample(r.load() if isinstance(r, SampleRef) else r) for r in raws)
         if not self.shuffle:
             return samples
-        rng = random.Random(mix_seed(self.seed, SHUFFLE, self.epoch, slot))
+        rng = random.Random(mix_seed(self.seed, SHUFFLE, self.epoch, slot.index))
         return buffer_shuffle(samples, self.shuffle_buffer, rng)
 
     def packed(self) -> PackedIndex:
