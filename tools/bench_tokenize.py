@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tokenizer import Tokenizer, build_model, load_config  # noqa: E402
 from tokenizer.data.index.format import GridSpec  # noqa: E402
 from tokenizer.data.index.sink import EncodedBatch, IndexSink  # noqa: E402
+from tokenizer.data.shard_specs import resolve_shards  # noqa: E402
 from tokenizer.data.source_batches import SourceBatch, iter_shard_batches  # noqa: E402
-from tokenizer.data.stream import expand_shards  # noqa: E402
 from tokenizer.tokenize.corpus import TokenizeOptions, tokenize_corpus  # noqa: E402
 
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         args.tokenizer = str(Tokenizer(build_model(cfg), cfg).save_pretrained(scratch.name))
     tok = Tokenizer.from_pretrained(args.tokenizer, device=device)
     resolution = args.resolution or tok.resolution
-    shards = expand_shards(args.input)
+    shards = resolve_shards(args.input, "--input", required=True)
     print(
         f"device {device} ({torch.get_num_threads()} torch threads), {len(shards)} shards, "
         f"{resolution} px, batch {args.batch_size}, {args.num_workers} decode workers, "
