@@ -72,6 +72,101 @@ def _compressed(path: str) -> bool:
     return head.startswith(_COMPRESSED_MAGIC)
 
 
+# A member: (name, data offset, data size, read its data). Only regular files.
+_Member = tuple[str, int, int, Callable[[], bytes]]
+_BLOCK = 512
+_FILE_TYPES = (b"0", b"\0", b"7")  # tarfile's isfile(): regular, old regular, contiguous
+
+
+def _stream_members(f) -> Iterator[_Member]:
+    """Members of any tar (compressed too), through tarfile's stream reader."""
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                yield member.name, member.offset_data, member.size, lambda d=data: d
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _header_ok(block: bytes) -> bool:
+    stored = block[148:156].split(b"\0", 1)[0].strip()
+    if not stored:
+        return False
+    # The checksum counts its own field as spaces; old tars summed signed bytes.
+    expected = int(stored, 8)
+    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    if expected == unsigned:
+        return True
+    return expected == unsigned - 2 * sum(b for b in block[:148] + block[156:] if b > 127)
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> path=<value>\n" records)."""
+    path, pos = None, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
+
+
+def _seek_members(f) -> Iterator[_Member]:
+    """Members of an uncompressed tar, reading 512-byte headers and seeking past the
+    data (python's tarfile parses a header about ten times slower than this, which on
+    resume costs more than reading small payloads). ustar, GNU long names and pax paths;
+    ends where tarfile ends: at a zero block, a short or a bad header after the first."""
+    pos, long_name = 0, None
+    while True:
+        f.seek(pos)
+        block = f.read(_BLOCK)
+        if len(block) < _BLOCK or block == bytes(_BLOCK) or not _header_ok(block):
+            if pos == 0:
+                raise tarfile.ReadError("empty file" if not block else "not a tar file")
+            return
+        size = _octal(block[124:136])
+        kind = block[156:157]
+        data_at = pos + _BLOCK
+        pos = data_at + -(-size // _BLOCK) * _BLOCK
+        if kind in (b"L", b"x"):  # the next member's long name / pax attributes
+            f.seek(data_at)
+            data = f.read(size)
+            long_name = (
+                data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                if kind == b"L"
+                else _pax_path(data) or long_name
+            )
+            continue
+        if kind in (b"g", b"K"):
+            continue
+        name = long_name
+        long_name = None
+        if name is None:
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if block[257:263] == b"ustar\0" and block[345]:
+                prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                name = f"{prefix}/{name}"
+        if kind not in _FILE_TYPES:
+            continue
+
+        def read(at: int = data_at, n: int = size) -> bytes:
+            f.seek(at)
+            data = f.read(n)
+            if len(data) != n:
+                raise tarfile.ReadError("unexpected end of data")
+            return data
+
+        yield name, data_at, size, read
+
+
 def scan_tar(
     path: str,
     on_error: Callable[[str], None],
@@ -92,11 +187,10 @@ def scan_tar(
     try:
         seekable = not _compressed(path)
         size = os.path.getsize(path)
-        # "r:" reads the headers and seeks past the payloads; the payloads it is asked
-        # for it reads with extractfile. Errors match the stream reader's ("r|*").
-        with tarfile.open(path, "r:" if seekable else "r|*") as tar:
-            for member in tar:
-                parts = split_name(member.name) if member.isfile() else None
+        with open(path, "rb") as f:
+            members = _seek_members(f) if seekable else _stream_members(f)
+            for name, offset, length, read in members:
+                parts = split_name(name)
                 if parts is None:
                     continue
                 key, ext = parts
@@ -110,12 +204,12 @@ def scan_tar(
                 if current is None:
                     keep = True if wanted is None or not seekable else wanted(complete)
                     current = RawSample(key, path, {}) if keep else SampleRef(key, path, {})
+                if offset + length > size and seekable:
+                    raise tarfile.ReadError("unexpected end of data")
                 if isinstance(current, SampleRef):
-                    if member.offset_data + member.size > size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    current.spans[ext] = (member.offset_data, member.size)
+                    current.spans[ext] = (offset, length)
                 else:
-                    current.fields[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    current.fields[ext] = read()
         if current is not None:
             complete += 1
             if keep is not None:
