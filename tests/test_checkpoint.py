@@ -2,6 +2,7 @@
 any point of a save leaves a complete, loadable checkpoint, and pruning never deletes
 another branch's checkpoints."""
 
+import json
 import logging
 import os
 import shutil
@@ -12,8 +13,10 @@ from accelerate import Accelerator
 
 import tokenizer.training.checkpoint as checkpoint_module
 from tokenizer.training.checkpoint import (
+    checkpoint_parts,
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint_weights,
     load_training_state,
     read_checkpoint_info,
     resolve_resume,
@@ -41,7 +44,13 @@ def _save(engine, run_dir, step, keep_last=2, parent=None, value=None):
         for p in model.parameters():
             p.fill_(float(step if value is None else value))
     return save_training_state(
-        accelerator, model, run_dir, step, {"rank": 0, "step": step}, keep_last, parent=parent
+        accelerator,
+        {"tokenizer": model},
+        run_dir,
+        step,
+        {"rank": 0, "step": step},
+        keep_last,
+        parent=parent,
     )
 
 
@@ -50,7 +59,7 @@ def _loaded_value(engine, path) -> float:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(-1.0)
-    state = load_training_state(accelerator, path)
+    state = load_training_state(accelerator, path, ["tokenizer"], [])
     values = {float(v) for p in model.parameters() for v in p.detach().flatten()}
     assert len(values) == 1, values
     assert state.data_state["step"] == state.step
@@ -180,3 +189,34 @@ def test_an_interrupted_save_is_not_a_checkpoint(engine, tmp_path):
         resolve_resume(str(tmp), tmp_path)
     _save(engine, tmp_path, 5)
     assert _names(tmp_path) == ["step_00000003", "step_00000005"]  # the leftover is gone
+
+
+def test_search_state_per_grid_and_the_old_single_grid_name(engine, tmp_path):
+    accelerator, model = engine
+    state = {"centroids": torch.arange(6.0).reshape(3, 2)}
+    path = save_training_state(accelerator, {"tokenizer": model}, tmp_path, 1, {"step": 1}, 2,
+                               search_states={"top": state, "bottom": {}})  # fmt: skip
+    assert sorted(p.name for p in path.glob("search_*")) == ["search_top_rank0.safetensors"]
+    loaded = load_training_state(accelerator, path, ["tokenizer"], ["top", "bottom"])
+    assert loaded.search_states.keys() == {"top"}
+    torch.testing.assert_close(loaded.search_states["top"]["centroids"], state["centroids"])
+    # A checkpoint written before grids had names: one file for the one grid.
+    path = save_training_state(accelerator, {"tokenizer": model}, tmp_path, 2, {"step": 2}, 2,
+                               search_states={"tokens": state})  # fmt: skip
+    os.replace(path / "search_tokens_rank0.safetensors", path / "search_rank0.safetensors")
+    loaded = load_training_state(accelerator, path, ["tokenizer"], ["tokens"])
+    torch.testing.assert_close(loaded.search_states["tokens"]["centroids"], state["centroids"])
+
+
+def test_parts_are_named_and_old_checkpoints_hold_the_tokenizer(engine, tmp_path):
+    accelerator, model = engine
+    path = _save(engine, tmp_path, 1)
+    assert checkpoint_parts(path) == ["tokenizer"]
+    meta = json.loads((path / "trainer.json").read_text())
+    del meta["parts"]  # as written before parts had names
+    (path / "trainer.json").write_text(json.dumps(meta))
+    assert checkpoint_parts(path) == ["tokenizer"]
+    with pytest.raises(ValueError, match=r"holds parts \['tokenizer'\].*\['tokenizer', 'critic'\]"):
+        load_training_state(accelerator, path, ["tokenizer", "critic"], [])
+    with pytest.raises(KeyError, match="no part 'critic'"):
+        load_checkpoint_weights(path, "critic")

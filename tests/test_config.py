@@ -231,3 +231,12 @@ def test_shipped_configs_name_shards_where_make_shards_writes_them():
     demo = load_config(ROOT / "configs/demo.yaml")
     assert demo.data.train_shards == "data/demo/train/{000000..000007}.tar"
     assert demo.data.eval_shards == "data/demo/eval/{000000..000001}.tar"
+
+
+def test_train_task_is_one_the_loop_can_build():
+    from tokenizer.config import TASKS
+    from tokenizer.training.tasks import task_names
+
+    assert list(TASKS) == task_names()
+    with pytest.raises(ConfigError, match="train.task"):
+        load_config(overrides=["train.task=gan"])

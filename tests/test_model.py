@@ -137,3 +137,21 @@ def test_building_blocks() -> None:
     z = encoder(torch.randn(1, 3, 32, 32))
     assert z.shape == (1, 5, 4, 4)
     assert decoder(z).shape == (1, 3, 32, 32)
+
+
+def test_vqvae_loss_names_its_terms_and_weights_commitment_by_beta() -> None:
+    from tokenizer.losses.reconstruction import vqvae_loss
+
+    torch.manual_seed(0)
+    model = _model([16])
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    out = model(x)
+    terms = vqvae_loss(x, out, "l1")
+    assert sorted(terms.terms) == ["codebook", "commitment", "reconstruction"]
+    by_hand = (out.reconstruction - x).abs().mean()
+    torch.testing.assert_close(terms.terms["reconstruction"], by_hand)
+    q = out.grids["tokens"]
+    torch.testing.assert_close(terms.terms["commitment"], q.commitment_loss)
+    beta = model.quantizer.beta
+    expected = by_hand + q.codebook_loss + beta * q.commitment_loss
+    torch.testing.assert_close(terms.total, expected)

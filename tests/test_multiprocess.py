@@ -206,7 +206,7 @@ def test_kill_9_mid_epoch_then_resume_consumes_the_same_keys(tmp_path, shards):
         assert lb[step] == pytest.approx(la[step], rel=1e-5, abs=1e-6), f"step {step}"
     if "quantizer.search=faiss-ivf" in extra:
         for rank in (0, 1):
-            assert list((killed / "checkpoints").glob(f"*/search_rank{rank}.safetensors"))
+            assert list((killed / "checkpoints").glob(f"*/search_tokens_rank{rank}.safetensors"))
         # The re-clustering schedule went on from the checkpoint, not from the restart.
         key = "search/rebuilds"
         assert losses(killed, key) == losses(straight, key)

@@ -44,7 +44,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, shards, recipe):
     run("launch/train.py", "--config", str(cfg_b), "--stop-after", "20")
     assert latest_checkpoint(interrupted).name == "step_00000020"
     assert max(losses(interrupted)) == 20
-    search_state = latest_checkpoint(interrupted) / "search_rank0.safetensors"
+    search_state = latest_checkpoint(interrupted) / "search_tokens_rank0.safetensors"
     assert search_state.is_file() == bool(recipe)  # the IVF's cells; exact search has none
     run("launch/train.py", "--config", str(cfg_b))
 

@@ -14,6 +14,7 @@ import torch
 from training_helpers import make_shards, write_config
 
 import tokenizer.training.loop as train_module
+import tokenizer.training.tasks.tokenizer as tokenizer_task
 from tokenizer.config import load_config
 from tokenizer.training.optim import warmup_cosine
 
@@ -42,7 +43,7 @@ def test_accumulated_steps_count_optimiser_steps(tmp_path: Path, monkeypatch) ->
     )
     # Record the codes of every training forward as the model computes them.
     forwards: list[torch.Tensor] = []
-    build_model = train_module.build_model
+    build_model = tokenizer_task.build_model
 
     def recording_build_model(config):
         model = build_model(config)
@@ -54,7 +55,7 @@ def test_accumulated_steps_count_optimiser_steps(tmp_path: Path, monkeypatch) ->
         model.quantizer.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", recording_build_model)
+    monkeypatch.setattr(tokenizer_task, "build_model", recording_build_model)
     result = train_module.train(cfg)
 
     # 4 optimiser steps of 2 micro-batches of 8 images: 8 forwards, 16 images a step.

@@ -7,8 +7,8 @@ import torch
 from accelerate import Accelerator
 
 from tokenizer.config import load_config
-from tokenizer.losses.reconstruction import LossTerms
-from tokenizer.training.log import EtaClock, TrainLog, console_line, format_duration
+from tokenizer.training.log import EtaClock, MetricWindow, TrainLog, console_line, format_duration
+from tokenizer.training.task import StepOutput
 
 
 class FakeClock:
@@ -74,11 +74,10 @@ def test_train_log_writes_eta_to_the_console_and_metrics_jsonl(tmp_path, caplog)
     cfg = load_config(overrides=[f"run.dir={tmp_path}", "logging.tensorboard=false",
                                  "train.max_steps=100", "quantizer.codebook_size=4"])  # fmt: skip
     accelerator = Accelerator(cpu=True)
-    log = TrainLog(cfg, accelerator, 4, start_step=20, end_step=60)
+    log = TrainLog(cfg, accelerator, start_step=20, end_step=60)
     clock = FakeClock()
     log.eta = EtaClock(20, 60, clock=clock)  # the same bounds, on a clock the test moves
-    terms = LossTerms(*(torch.tensor(v) for v in (0.3, 0.2, 0.05, 0.05)))
-    log.window.add(terms, torch.tensor([20.0, 22.0]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    log.window.add(_step_output(loss=0.3, psnr=[20.0, 22.0], counts={"tokens": [1, 1, 0, 0]}))
     clock.now += 30.0  # 10 steps in 30 s; 30 steps to go
     extra = {"lr": 1e-3, "data/bad_samples": 0.0}
     with caplog.at_level("INFO", logger="tokenizer.training.loop"):
@@ -89,3 +88,45 @@ def test_train_log_writes_eta_to_the_console_and_metrics_jsonl(tmp_path, caplog)
     assert caplog.records[-1].getMessage().endswith(" eta 1m30s")
     written = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert written["step"] == 30 and written["eta_s"] == pytest.approx(90.0)
+
+
+def _step_output(psnr, counts, **scalars) -> StepOutput:
+    return StepOutput(
+        scalars={k.replace("__", "/"): torch.tensor(v) for k, v in scalars.items()},
+        per_image={"psnr": torch.tensor(psnr)},
+        code_counts={g: torch.tensor(c, dtype=torch.float32) for g, c in counts.items()},
+        num_samples=len(psnr),
+    )
+
+
+def test_window_averages_whatever_is_reported_by_name():
+    window = MetricWindow(torch.device("cpu"))
+    window.add(_step_output([20.0, 22.0], {"top": [2, 0], "bottom": [1, 1, 0, 0]},
+                            loss=0.5, loss__generator=0.1))  # fmt: skip
+    window.add(_step_output([30.0], {"top": [0, 2], "bottom": [0, 0, 2, 0]},
+                            loss=0.3, loss__generator=0.3))  # fmt: skip
+    metrics = window.read(Accelerator(cpu=True))
+    assert metrics["loss"] == pytest.approx(0.4)  # mean over micro-steps
+    assert metrics["loss/generator"] == pytest.approx(0.2)
+    assert metrics["psnr"] == pytest.approx(24.0)  # mean over the 3 images, not the steps
+    # Per grid: top used both codes evenly; bottom used 3 of 4 codes, 1, 1 and 2 times.
+    assert metrics["codebook/top/usage"] == 1.0
+    assert metrics["codebook/top/perplexity"] == pytest.approx(2.0)
+    assert metrics["codebook/bottom/usage"] == 0.75
+    bottom = torch.tensor([0.25, 0.25, 0.5])
+    expected = torch.exp(-(bottom * bottom.log()).sum()).item()
+    assert metrics["codebook/bottom/perplexity"] == pytest.approx(expected)
+    assert "codebook/usage" not in metrics  # the single-grid names are for one grid only
+    line = console_line(7, 10, {**metrics, "lr": 1e-4})
+    assert "loss/generator 0.2000" in line and "codebook/top/usage 100.0%" in line
+    assert line.startswith("step 7/10 loss 0.4000 psnr 24.00 ") and line.endswith(" eta ?")
+
+
+def test_a_window_starts_empty_after_a_read():
+    window = MetricWindow(torch.device("cpu"))
+    window.add(_step_output([20.0], {"tokens": [1, 0]}, loss=1.0))
+    window.read(Accelerator(cpu=True))
+    window.reset()
+    window.add(_step_output([10.0], {"tokens": [0, 1]}, loss=3.0))
+    metrics = window.read(Accelerator(cpu=True))
+    assert (metrics["loss"], metrics["psnr"], metrics["codebook/usage"]) == (3.0, 10.0, 0.5)

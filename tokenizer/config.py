@@ -106,8 +106,14 @@ class DataConfig:
     prefetch_factor: int = 2
 
 
+# The training tasks (tokenizer/training/tasks/): what one step computes.
+TASKS = ("tokenizer",)
+
+
 @dataclass
 class TrainConfig:
+    # What a step trains: "tokenizer" (the tokenizer on reconstruction + VQ terms).
+    task: str = "tokenizer"
     max_steps: int = 1000
     batch_size: int = 16  # per rank, per micro-step
     grad_accum_steps: int = 1
@@ -326,6 +332,7 @@ _RULES = [
     # fp16 is not offered: it needs loss scaling, which nothing here has been tested
     # with; bf16 keeps fp32's range.
     _rule("train.mixed_precision", _one_of("auto", "no", "bf16")),
+    _rule("train.task", _one_of(*TASKS)),
     _rule("loss.reconstruction", _one_of("mse", "l1")),
     _rule("logging.every", _at_least(1)),
     _rule("logging.image_every", _at_least(0, " (0: no previews)")),

@@ -13,9 +13,9 @@ from tokenizer.models import TokenizerOutput
 @dataclass
 class LossTerms:
     total: torch.Tensor  # what backward() sees
-    reconstruction: torch.Tensor
-    codebook: torch.Tensor
-    commitment: torch.Tensor  # unweighted; total carries beta * commitment
+    # Each term on its own, unweighted where the total weights it (commitment: the total
+    # carries beta x commitment), for the log.
+    terms: dict[str, torch.Tensor]
 
 
 def reconstruction_loss(
@@ -35,7 +35,9 @@ def vqvae_loss(images: torch.Tensor, output: TokenizerOutput, kind: str) -> Loss
     grids = output.grids.values()
     return LossTerms(
         total=recon + output.quantizer_loss,
-        reconstruction=recon,
-        codebook=sum(q.codebook_loss for q in grids),
-        commitment=sum(q.commitment_loss for q in grids),
+        terms={
+            "reconstruction": recon,
+            "codebook": sum(q.codebook_loss for q in grids),
+            "commitment": sum(q.commitment_loss for q in grids),
+        },
     )

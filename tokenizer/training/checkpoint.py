@@ -1,11 +1,15 @@
 """Training state, for resume (the release format is in release.py).
 
 A training checkpoint is a folder `run_dir/checkpoints/step_XXXXXXXX/` holding
-Accelerate's state (model, optimiser, per-rank RNG, registered objects such as the LR
-scheduler), `trainer.json` (step, generation, lineage), one `data_rank{r}.json` per rank
-(that rank's stream position), for a search backend with state (faiss-ivf) one
-`search_rank{r}.safetensors` per rank, and `model.safetensors`, the whole model in fp32
-(DeepSpeed's fp32 master weights under DeepSpeed).
+Accelerate's state (every part's module and optimiser, per-rank RNG, registered objects
+such as the LR schedules), `trainer.json` (step, generation, lineage, and the names of the
+task's parts in the order they were prepared), one `data_rank{r}.json` per rank (that
+rank's stream position), for each code grid whose search backend has state (faiss-ivf)
+one `search_<grid>_rank{r}.safetensors` per rank, and each part's whole weights in fp32:
+`model.safetensors` for the first part, `model_<i>.safetensors` for part i > 0
+(Accelerate's names; written by us from DeepSpeed's fp32 master weights under DeepSpeed).
+Checkpoints written before parts had names hold one part, `tokenizer`, and one
+`search_rank{r}.safetensors` for their one grid.
 
 Crash safety. A checkpoint is written as `step_N.tmp`, fsynced (files and folders), then
 renamed into place; a `step_N` that already exists (a resume at the end re-saves its step)
@@ -51,15 +55,27 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _OLD_DIR = re.compile(r"^step_(\d{8})\.old$")  # the previous copy, mid-replacement
 _TMP_DIR = re.compile(r"^step_(\d{8})\.tmp$")  # a save in progress or interrupted
 
-# Whole weights of the checkpoint, in the release's file format.
+# Whole weights of the first part, in the release's file format.
 WEIGHTS_FILE = "model.safetensors"
+# The part of checkpoints that did not name their parts.
+DEFAULT_PARTS = ("tokenizer",)
+
+
+def part_weights_file(index: int) -> str:
+    """Accelerate's file name for the weights of the index-th prepared model."""
+    return WEIGHTS_FILE if index == 0 else WEIGHTS_FILE.replace(".", f"_{index}.")
+
+
+def _search_file(grid: str, rank: int) -> str:
+    return f"search_{grid}_rank{rank}.safetensors"
 
 
 @dataclass
 class ResumedState:
     step: int
     data_state: dict[str, Any] | None  # this rank's stream position, None if absent
-    search_state: dict[str, torch.Tensor]  # this rank's search backend state, {} if absent
+    # grid name -> this rank's search backend state; grids without one are absent
+    search_states: dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -129,18 +145,20 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
 
 def save_training_state(
     accelerator,
-    model,
+    parts: dict[str, torch.nn.Module],
     run_dir: str | Path,
     step: int,
     data_state: dict[str, Any],
     keep_last: int,
-    search_state: dict[str, torch.Tensor] | None = None,
+    search_states: dict[str, dict[str, torch.Tensor]] | None = None,
     parent: Path | None = None,
 ) -> Path:
     """Every rank calls this at the same step; returns the final checkpoint path.
 
-    parent: the checkpoint this state descends from (the one resumed from, or the run's
-    previous checkpoint); None for a fresh run.
+    parts: part name -> prepared module, in the order they were prepared; search_states:
+    grid name -> this rank's search backend state; parent: the checkpoint this state
+    descends from (the one resumed from, or the run's previous checkpoint); None for a
+    fresh run.
     """
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
@@ -151,19 +169,22 @@ def save_training_state(
         _remove_leftovers(root)
         tmp.mkdir()
         meta = _new_meta(root, step, accelerator.num_processes, parent)
+        meta["parts"] = list(parts)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed writes its own sharded format, with 16-bit module weights under
         # bf16: also keep the whole fp32 master weights (every rank takes part in the
         # gather) so a release can be exported from any checkpoint without DeepSpeed.
-        weights = deepspeed_fp32_weights(accelerator, model)
-        if weights is not None:
-            save_file(weights, str(tmp / WEIGHTS_FILE))
+        for index, engine in enumerate(parts.values()):
+            weights = deepspeed_fp32_weights(accelerator, engine)
+            if weights is not None:
+                save_file(weights, str(tmp / part_weights_file(index)))
     rank = accelerator.process_index
     _write_json(tmp / f"data_rank{rank}.json", data_state)
-    if search_state:
-        save_file(search_state, str(tmp / f"search_rank{rank}.safetensors"))
+    for grid, state in (search_states or {}).items():
+        if state:
+            save_file(state, str(tmp / _search_file(grid, rank)))
     if accelerator.is_main_process:
         _write_json(tmp / TRAINER_FILE, meta)
     accelerator.wait_for_everyone()
@@ -262,22 +283,47 @@ def checkpoint_step(path: Path) -> int:
     return read_checkpoint_info(path).step
 
 
-def load_training_state(accelerator, path: Path) -> ResumedState:
+def checkpoint_parts(path: Path) -> list[str]:
+    """The names of a checkpoint's parts, in the order they were prepared."""
+    meta = json.loads((path / TRAINER_FILE).read_text())
+    return list(meta.get("parts", DEFAULT_PARTS))
+
+
+def load_training_state(
+    accelerator, path: Path, parts: list[str], grids: list[str]
+) -> ResumedState:
+    """Restore what save_training_state wrote into the prepared objects; `parts` and
+    `grids`: the names the resuming task has, which must be the checkpoint's."""
+    saved = checkpoint_parts(path)
+    if saved != list(parts):
+        raise ValueError(
+            f"{path} holds parts {saved}, this run's task has {list(parts)}: resume a "
+            "checkpoint of the same train.task (a release is exported from its tokenizer)"
+        )
     accelerator.load_state(str(path))
-    data_file = path / f"data_rank{accelerator.process_index}.json"
+    rank = accelerator.process_index
+    data_file = path / f"data_rank{rank}.json"
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    search_file = path / f"search_rank{accelerator.process_index}.safetensors"
-    search_state = load_file(str(search_file)) if search_file.is_file() else {}
+    search_states = {}
+    for grid in grids:
+        search_file = path / _search_file(grid, rank)
+        if not search_file.is_file() and len(grids) == 1:
+            search_file = path / f"search_rank{rank}.safetensors"  # before grids had names
+        if search_file.is_file():
+            search_states[grid] = load_file(str(search_file))
     return ResumedState(
-        step=checkpoint_step(path), data_state=data_state, search_state=search_state
+        step=checkpoint_step(path), data_state=data_state, search_states=search_states
     )
 
 
-def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Model weights of a training checkpoint, with any DDP `module.` prefix removed."""
-    weights_file = path / WEIGHTS_FILE
+def load_checkpoint_weights(path: Path, part: str = "tokenizer") -> dict[str, torch.Tensor]:
+    """One part's weights from a training checkpoint, with any DDP `module.` prefix removed."""
+    names = checkpoint_parts(path)
+    if part not in names:
+        raise KeyError(f"{path}: no part {part!r} in this checkpoint (parts: {names})")
+    weights_file = path / part_weights_file(names.index(part))
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} in this checkpoint")
+        raise FileNotFoundError(f"{path}: no {weights_file.name} ({part}) in this checkpoint")
     weights = load_file(str(weights_file))
     return {k.removeprefix("module."): v for k, v in weights.items()}
 

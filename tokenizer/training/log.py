@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,49 +15,92 @@ from accelerate import Accelerator
 
 from tokenizer.config import Config
 from tokenizer.evaluation.image_grid import save_image_grid
-from tokenizer.losses.reconstruction import LossTerms
-from tokenizer.models import VQVAE
+from tokenizer.models.base import SINGLE_GRID
 from tokenizer.quantize.codebook import perplexity, usage
+from tokenizer.training.task import StepOutput
 
 logger = logging.getLogger("tokenizer.training.loop")
 
 
-class MetricWindow:
-    """Sums of per-micro-step quantities between two log lines, reduced across ranks on read."""
+def grid_key(grid: str, name: str) -> str:
+    """The metric name of a code grid's statistic: `codebook/usage` for a single-grid model
+    (its grid is SINGLE_GRID), `codebook/top/usage` for a grid of a hierarchy."""
+    return f"codebook/{name}" if grid == SINGLE_GRID else f"codebook/{grid}/{name}"
 
-    def __init__(self, codebook_size: int, device: torch.device) -> None:
-        self.codebook_size, self.device = codebook_size, device
+
+class MetricWindow:
+    """Sums of what the micro-steps report (StepOutput), by name, between two log lines;
+    reduced across ranks on read. Whatever a task reports is logged: no fixed slots."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.counts = torch.zeros(self.codebook_size, device=self.device)  # (K,)
-        # loss, reconstruction, codebook, commitment, psnr sum, images, micro-steps
-        self.sums = torch.zeros(7, device=self.device)
+        self.scalars: dict[str, torch.Tensor] = {}  # name -> sum over micro-steps
+        self.per_image: dict[str, torch.Tensor] = {}  # name -> (sum, count) over images
+        self.counts: dict[str, torch.Tensor] = {}  # grid -> (K,) code hits
+        self.micro_steps = 0
+        self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, terms: LossTerms, psnr: torch.Tensor, counts: torch.Tensor) -> None:
-        values = [terms.total, terms.reconstruction, terms.codebook, terms.commitment]
-        self.sums[:4] += torch.stack([v.detach().float() for v in values])
-        self.sums[4] += psnr.sum()
-        self.sums[5] += psnr.numel()
-        self.sums[6] += 1
-        self.counts += counts.detach().float()
+    def add(self, out: StepOutput) -> None:
+        for name, value in out.scalars.items():
+            self._accumulate(self.scalars, name, value.detach().float().reshape(()))
+        for name, values in out.per_image.items():
+            pair = torch.stack([values.detach().float().sum(), torch.tensor(float(values.numel()))])
+            self._accumulate(self.per_image, name, pair.to(self.device))
+        for grid, counts in out.code_counts.items():
+            self._accumulate(self.counts, grid, counts.detach().float())
+        self.micro_steps += 1
+        self.samples += out.num_samples
+
+    def _accumulate(self, sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        value = value.to(self.device)
+        sums[name] = sums[name] + value if name in sums else value.clone()
 
     def read(self, accelerator: Accelerator) -> dict[str, float]:
-        sums = accelerator.reduce(self.sums, reduction="sum")
-        counts = accelerator.reduce(self.counts, reduction="sum")
-        micro = sums[6].clamp_min(1)
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        return {
-            "loss": (sums[0] / micro).item(),
-            "loss/reconstruction": (sums[1] / micro).item(),
-            "loss/codebook": (sums[2] / micro).item(),
-            "loss/commitment": (sums[3] / micro).item(),
-            "psnr": (sums[4] / sums[5].clamp_min(1)).item(),
-            "codebook/usage": usage(counts).item(),
-            "codebook/perplexity": perplexity(counts).item(),
-            "images_per_s": sums[5].item() / elapsed,
-        }
+        """Every rank calls this: one all-reduce of every name's sums, in sorted order."""
+        scalar_names, image_names, grids = (
+            sorted(self.scalars),
+            sorted(self.per_image),
+            sorted(self.counts),
+        )
+        _check_same_names(accelerator, [*scalar_names, "|", *image_names, "|", *grids])
+        flat = [self.scalars[n].reshape(1) for n in scalar_names]
+        flat += [self.per_image[n] for n in image_names]
+        flat += [self.counts[g] for g in grids]
+        flat.append(
+            torch.tensor([self.micro_steps, self.samples], dtype=torch.float32, device=self.device)
+        )
+        total = accelerator.reduce(torch.cat(flat), reduction="sum")
+        micro, samples = total[-2].clamp_min(1).item(), total[-1].item()
+        values = iter(total[:-2].split([t.numel() for t in flat[:-1]]))
+        metrics = {name: (next(values) / micro).item() for name in scalar_names}
+        for name in image_names:
+            pair = next(values)
+            metrics[name] = (pair[0] / pair[1].clamp_min(1)).item()
+        for grid in grids:
+            counts = next(values)
+            metrics[grid_key(grid, "usage")] = usage(counts).item()
+            metrics[grid_key(grid, "perplexity")] = perplexity(counts).item()
+        metrics["images_per_s"] = samples / max(time.perf_counter() - self.started, 1e-9)
+        return metrics
+
+
+def _check_same_names(accelerator: Accelerator, names: list[str]) -> None:
+    """The reduce adds rank-wise by position: every rank must report the same names."""
+    if accelerator.num_processes == 1:
+        return
+    digest = zlib.crc32("\n".join(names).encode()) & 0x7FFFFFFF
+    mine = torch.tensor([digest], dtype=torch.int64, device=accelerator.device)
+    everyone = accelerator.gather(mine).cpu().tolist()
+    if len(set(everyone)) > 1:
+        raise RuntimeError(
+            f"ranks logged different metric names (rank {accelerator.process_index}: "
+            f"{', '.join(n for n in names if n != '|')}); every rank's step must report "
+            "the same scalars, per-image values and grids"
+        )
 
 
 class EtaClock:
@@ -90,16 +134,44 @@ def format_duration(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+# Short console labels of common metrics; any other metric shows under its own name.
+_LABELS = {
+    "loss/reconstruction": "recon",
+    "loss/commitment": "commit",
+    "loss/codebook": "codebook",
+    "codebook/usage": "usage",
+    "codebook/perplexity": "ppl",
+    "images_per_s": "img/s",
+    "data/bad_samples": "bad",
+}
+# The console line's order for the metrics that are there; others follow in their order.
+_FIRST = ["loss", "loss/reconstruction", "loss/commitment", "psnr", "codebook/usage",
+          "codebook/perplexity", "images_per_s", "lr", "data/bad_samples"]  # fmt: skip
+# In metrics.jsonl and TensorBoard only: noisy on a console, or shown another way (eta).
+_OFF_CONSOLE = {"eta_s", "loss/codebook", "codebook/window_usage", "codebook/restarts"}
+
+
+def _format(name: str, value: float) -> str:
+    last = name.rsplit("/", 1)[-1]
+    if last in ("usage", "window_usage"):
+        return f"{100 * value:.1f}%"
+    if name == "lr" or name.startswith("lr/"):
+        return f"{value:.2e}"
+    if last in ("bad_samples", "restarts", "skipped_steps"):
+        return str(int(value))
+    if last in ("psnr", "perplexity", "images_per_s"):
+        return f"{value:.2f}" if last == "psnr" else f"{value:.1f}"
+    return f"{value:.4f}"
+
+
 def console_line(step: int, max_steps: int, metrics: dict[str, float]) -> str:
+    """`step s/N`, then every metric there is (common ones first, short labels), then
+    the ETA."""
+    names = [n for n in _FIRST if n in metrics]
+    names += [n for n in metrics if n not in _FIRST and n not in _OFF_CONSOLE]
+    shown = " ".join(f"{_LABELS.get(n, n)} {_format(n, metrics[n])}" for n in names)
     eta = metrics.get("eta_s")
-    return (
-        f"step {step}/{max_steps} loss {metrics['loss']:.4f} "
-        f"recon {metrics['loss/reconstruction']:.4f} commit {metrics['loss/commitment']:.4f} "
-        f"psnr {metrics['psnr']:.2f} usage {100 * metrics['codebook/usage']:.1f}% "
-        f"ppl {metrics['codebook/perplexity']:.1f} img/s {metrics['images_per_s']:.1f} "
-        f"lr {metrics['lr']:.2e} bad {int(metrics['data/bad_samples'])} "
-        f"eta {'?' if eta is None else format_duration(eta)}"
-    )
+    return f"step {step}/{max_steps} {shown} eta {'?' if eta is None else format_duration(eta)}"
 
 
 class TrainLog:
@@ -107,7 +179,6 @@ class TrainLog:
         self,
         cfg: Config,
         accelerator: Accelerator,
-        codebook_size: int,
         start_step: int = 0,
         end_step: int | None = None,
     ) -> None:
@@ -115,7 +186,7 @@ class TrainLog:
         (default train.max_steps). The ETA in each log line runs between the two."""
         self.cfg, self.accelerator = cfg, accelerator
         self.run_dir = Path(cfg.run.dir)
-        self.window = MetricWindow(codebook_size, accelerator.device)
+        self.window = MetricWindow(accelerator.device)
         self.eta = EtaClock(start_step, cfg.train.max_steps if end_step is None else end_step)
         self.keys_file = None
         if cfg.logging.log_keys:
@@ -143,15 +214,10 @@ class TrainLog:
         self.accelerator.log(metrics, step=step)
         return metrics
 
-    @torch.no_grad()
-    def preview(self, core: VQVAE, images: torch.Tensor, step: int) -> None:
-        """Every rank runs the forward (ZeRO-3 gathers weights collectively); rank 0 saves."""
-        was_training = core.training
-        core.eval()
-        recon = core(images.to(self.accelerator.device)).reconstruction
-        core.train(was_training)
+    def preview(self, rows: list[torch.Tensor], step: int) -> None:
+        """Save image rows (B, 3, H, W) in [-1, 1] as one grid; the main process writes."""
         if self.accelerator.is_main_process:
-            save_image_grid([images, recon], self.run_dir / "images" / f"step_{step:08d}.png")
+            save_image_grid(rows, self.run_dir / "images" / f"step_{step:08d}.png")
 
     def flush(self) -> None:
         if self.keys_file is not None:

@@ -1,32 +1,36 @@
-"""train(cfg): the one training loop (Accelerate), from one CPU to many GPUs."""
+"""train(cfg): the one training loop (Accelerate), from one CPU to many GPUs.
+
+The loop owns the engine, the data stream, resume and the schedule of logs, previews,
+evaluations and checkpoints; what a step computes comes from the task `train.task` names
+(tokenizer/training/tasks/).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 
-from tokenizer.config import Config, to_yaml
+from tokenizer.config import Config, ConfigError, to_yaml
 from tokenizer.data.shard_specs import resolve_shards
-from tokenizer.data.stream import iter_eval_batches, make_train_loader
-from tokenizer.distributed import (
-    Collective,
-    broadcast_buffers,
-    check_same_state,
-    current_collective,
-)
-from tokenizer.evaluation.evaluate import EvalResult, evaluate_shards
-from tokenizer.evaluation.metrics import psnr_per_image
-from tokenizer.losses.reconstruction import vqvae_loss
-from tokenizer.models import SINGLE_GRID, VQVAE, build_model
+from tokenizer.distributed import current_collective
 from tokenizer.training.checkpoint import load_training_state, resolve_resume, save_training_state
-from tokenizer.training.engine import make_accelerator
+from tokenizer.training.codebooks import (
+    attach,
+    broadcast_codebooks,
+    check_codebooks,
+    codebook_metrics,
+    load_search_states,
+    search_states,
+)
+from tokenizer.training.engine import deepspeed_requested, make_accelerator
 from tokenizer.training.log import TrainLog
-from tokenizer.training.optim import build_optimizer
+from tokenizer.training.task import Part
+from tokenizer.training.tasks import build_task
 
 logger = logging.getLogger("tokenizer.training.loop")
 
@@ -36,8 +40,8 @@ class TrainResult:
     run_dir: Path
     step: int
     checkpoint: Path | None
-    eval: EvalResult | None
-    model: VQVAE  # the trained model (unwrapped), e.g. for notebooks and tests
+    eval: dict[str, float] | None  # the final held-out metrics, by name
+    model: nn.Module  # the release part, unwrapped (the tokenizer), for notebooks and tests
 
 
 def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
@@ -55,16 +59,13 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     eval_shards = resolve_shards(cfg.data.eval_shards, "data.eval_shards", required=False)
 
     set_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = build_model(cfg)
+    task = build_task(cfg, accelerator)
+    parts = task.parts()
+    _check_engine_fits(cfg, parts)
+    quantizers = task.quantizers()
     collective = current_collective()
-    model.quantizer.collective = collective
-    # Restart windows and codebook_stats count optimiser steps; the quantizer sees forwards.
-    model.quantizer.forwards_per_step = cfg.train.grad_accum_steps
-    optimizer, scheduler = build_optimizer(model, cfg.train)
-    # The scheduler is not passed to prepare(): Accelerate would step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-    core: VQVAE = accelerator.unwrap_model(model)
+    attach(quantizers, collective, cfg.train.grad_accum_steps)
+    _prepare(accelerator, parts)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,33 +74,29 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     step, data_state = 0, None
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:
-        resumed = load_training_state(accelerator, resume_from)
+        resumed = load_training_state(
+            accelerator, resume_from, [p.name for p in parts], list(quantizers)
+        )
         step, data_state = resumed.step, resumed.data_state
-        core.quantizer.search.load_state_dict(resumed.search_state)
+        load_search_states(quantizers, resumed.search_states)
         if data_state is None:
             logger.warning(
                 "%s has no data position for this rank: the stream restarts", resume_from
             )
         logger.info("resumed from %s at step %d", resume_from, step)
-    # One codebook everywhere from the start: DeepSpeed never broadcasts buffers.
-    broadcast_buffers(collective, core.quantizer)
+    broadcast_codebooks(collective, quantizers)
 
-    loader, stream = make_train_loader(
-        cfg.data,
-        train_shards,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.run.seed,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        state=data_state,
+    batches, stream = task.batches(
+        train_shards, accelerator.process_index, accelerator.num_processes, data_state
     )
     stop_at = min(cfg.train.max_steps, stop_after) if stop_after else cfg.train.max_steps
-    log = TrainLog(cfg, accelerator, core.codebook_size, start_step=step, end_step=stop_at)
-    preview = _preview_images(cfg, eval_shards)
+    log = TrainLog(cfg, accelerator, start_step=step, end_step=stop_at)
+    preview = task.preview(eval_shards)
     logger.info(
-        "training %s: %d params, %d ranks x batch %d x accum %d, steps %d -> %d",
+        "training %s (task %s): %s, %d ranks x batch %d x accum %d, steps %d -> %d",
         cfg.model.arch,
-        sum(getattr(p, "ds_numel", p.numel()) for p in core.parameters()),
+        cfg.train.task,
+        ", ".join(f"{p.name} {_num_params(p.core):,} params" for p in parts),
         accelerator.num_processes,
         cfg.train.batch_size,
         cfg.train.grad_accum_steps,
@@ -115,111 +112,98 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         log.flush()
         lineage_head = save_training_state(
             accelerator,
-            model,
+            {p.name: p.module for p in parts},
             run_dir,
             step,
             stream.state_dict(),
             cfg.checkpoint.keep_last,
-            search_state=core.quantizer.search.state_dict(),
+            search_states=search_states(quantizers),
             parent=lineage_head,
         )
         return lineage_head
 
-    model.train()
-    # Seeding the loader's workers draws from torch's RNG: kept out of the training
-    # stream, so that a resumed run makes the same draws (restarts, k-means) as an
-    # uninterrupted one from the restored RNG state on.
-    with torch.random.fork_rng(devices=[]):
-        batches = iter(loader)
+    for part in parts:
+        part.module.train()
     last_saved: Path | None = None
     while step < stop_at:
         for _ in range(cfg.train.grad_accum_steps):
             batch = next(batches)
             stream.update(batch)
             log.consumed(step + 1, batch.keys)
-            images = batch.images.to(accelerator.device)  # (B, 3, R, R) in [-1, 1]
-            with accelerator.accumulate(model):
-                out = model(images)
-                terms = vqvae_loss(images, out, cfg.loss.reconstruction)
-                accelerator.backward(terms.total)
-                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
-            log.window.add(terms, psnr, out.grids[SINGLE_GRID].counts)
-        scheduler.step()
+            with accelerator.accumulate(*(p.module for p in parts)):
+                out = task.train_step(batch, step)
+            log.window.add(out)
+        for part in parts:
+            part.scheduler.step()
         step += 1
 
         if step % cfg.logging.every == 0 or step == stop_at:
             bad = torch.tensor(float(stream.bad_samples), device=accelerator.device)
-            extra = {"lr": scheduler.get_last_lr()[0]}
-            stats = core.quantizer.codebook_stats(cfg.logging.every)
-            extra["codebook/window_usage"] = stats.usage
-            extra["codebook/restarts"] = float(stats.restarts)
-            # Approximate search reports its recall (rank 0's index; every rank builds one).
-            extra.update(core.quantizer.search.diagnostics())
+            extra = _learning_rates(parts)
+            extra.update(codebook_metrics(quantizers, cfg.logging.every))
             extra["data/bad_samples"] = accelerator.reduce(bad, reduction="sum").item()
             log.metrics(step, extra)
         if preview is not None and cfg.logging.image_every and step % cfg.logging.image_every == 0:
-            log.preview(core, preview, step)
+            log.preview(preview(), step)
         if cfg.logging.eval_every and eval_shards and step % cfg.logging.eval_every == 0:
-            result = _evaluate(core, cfg, eval_shards, accelerator)
-            accelerator.log({f"eval/{k}": v for k, v in asdict(result).items()}, step=step)
+            _log_eval(task.evaluate(eval_shards, accelerator), accelerator, step)
         if cfg.distributed.check_every and step % cfg.distributed.check_every == 0:
-            _check_codebook(cfg, collective, core, step)
+            check_codebooks(cfg, collective, quantizers, step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             last_saved = checkpoint()
 
     if cfg.distributed.check_every:
-        _check_codebook(cfg, collective, core, step)
+        check_codebooks(cfg, collective, quantizers, step)
     if last_saved is None or not last_saved.name.endswith(f"{step:08d}"):
         last_saved = checkpoint()
     result = None
     if step >= cfg.train.max_steps:
         if eval_shards:
-            result = _evaluate(core, cfg, eval_shards, accelerator)
+            result = task.evaluate(eval_shards, accelerator)
         if preview is not None:
-            log.preview(core, preview, step)
+            log.preview(preview(), step)
     log.close()
-    return TrainResult(run_dir=run_dir, step=step, checkpoint=last_saved, eval=result, model=core)
-
-
-def _check_codebook(cfg: Config, collective: Collective, core: VQVAE, step: int) -> None:
-    repair = cfg.distributed.on_mismatch == "repair"
-    differing = check_same_state(collective, core.quantizer, step, repair=repair)
-    if differing:
-        logger.warning("step %d: codebook of rank(s) %s differed from rank 0; re-broadcast",
-                       step, differing)  # fmt: skip
-
-
-def _evaluate(core: VQVAE, cfg: Config, shards: list[str], accelerator: Accelerator) -> EvalResult:
-    result = evaluate_shards(
-        core,
-        shards,
-        cfg.data.resolution,
-        cfg.train.batch_size,
-        accelerator.device,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
-        max_batches=cfg.logging.eval_batches,
+    release = next(p.core for p in parts if p.name == task.release_part)
+    return TrainResult(
+        run_dir=run_dir, step=step, checkpoint=last_saved, eval=result, model=release
     )
-    logger.info(
-        "eval: psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.1f on %d held-out images",
-        result.psnr,
-        result.ssim,
-        100 * result.usage,
-        result.perplexity,
-        result.num_images,
-    )
-    return result
 
 
-def _preview_images(cfg: Config, eval_shards: list[str]) -> torch.Tensor | None:
-    """A fixed set of held-out images whose reconstructions are saved as training goes."""
-    if not eval_shards or not cfg.logging.num_images:
-        return None
-    batch = next(iter_eval_batches(eval_shards, cfg.data.resolution, cfg.logging.num_images), None)
-    return None if batch is None else batch.images
+def _check_engine_fits(cfg: Config, parts: list[Part]) -> None:
+    # Accelerate drives one DeepSpeed engine per Accelerator (accelerate#2496): a task
+    # with several parts needs a plan of its own under DeepSpeed, not a silent misuse.
+    if deepspeed_requested() and len(parts) > 1:
+        raise ConfigError(
+            f"train.task={cfg.train.task!r} trains {len(parts)} parts "
+            f"({', '.join(p.name for p in parts)}); under DeepSpeed one Accelerator drives "
+            "one engine: launch it with DDP (accelerate launch --multi_gpu)"
+        )
+
+
+def _prepare(accelerator, parts: list[Part]) -> None:
+    """Prepare every part's module and optimiser in one call (DeepSpeed pairs them), and
+    register the schedules for checkpointing. The schedules are not passed to prepare():
+    Accelerate would step them once per process."""
+    prepared = accelerator.prepare(*(x for p in parts for x in (p.module, p.optimizer)))
+    prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+    for i, part in enumerate(parts):
+        part.module, part.optimizer = prepared[2 * i], prepared[2 * i + 1]
+        part.core = accelerator.unwrap_model(part.module)
+        accelerator.register_for_checkpointing(part.scheduler)
+
+
+def _learning_rates(parts: list[Part]) -> dict[str, float]:
+    """`lr` for a one-part task, `lr/<part>` for each part of several."""
+    if len(parts) == 1:
+        return {"lr": parts[0].scheduler.get_last_lr()[0]}
+    return {f"lr/{p.name}": p.scheduler.get_last_lr()[0] for p in parts}
+
+
+def _num_params(module: nn.Module) -> int:
+    # ZeRO-3 partitions parameters; ds_numel keeps the real size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def _log_eval(metrics: dict[str, float] | None, accelerator, step: int) -> None:
+    if metrics:
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)

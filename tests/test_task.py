@@ -1,0 +1,125 @@
+"""The task seam: a task with two parts (the tokenizer and a small critic trained beside
+it, the shape of a tokenizer + discriminator task) trains through the one loop, is
+checkpointed part by part, resumes exactly, and exports the tokenizer alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from training_helpers import make_shards, write_config
+
+import tokenizer.training.tasks as tasks
+from tokenizer.config import load_config
+from tokenizer.training.checkpoint import (
+    checkpoint_parts,
+    latest_checkpoint,
+    load_checkpoint_weights,
+)
+from tokenizer.training.export import export_release
+from tokenizer.training.loop import train
+from tokenizer.training.task import Part, StepOutput, optimizer_step
+from tokenizer.training.tasks.tokenizer import TokenizerTask
+
+pytestmark = pytest.mark.slow
+
+
+class CriticTask(TokenizerTask):
+    """The tokenizer task plus a critic that learns to tell images from reconstructions,
+    with its own optimiser and a schedule of its own (constant)."""
+
+    def __init__(self, cfg, accelerator) -> None:
+        super().__init__(cfg, accelerator)
+        critic = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(1))
+        critic(torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution))  # sizes the lazy layer
+        optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        self.critic = Part("critic", critic, optimizer, schedule)
+
+    def parts(self) -> list[Part]:
+        return [self.tokenizer, self.critic]
+
+    def train_step(self, batch, step: int) -> StepOutput:
+        out = super().train_step(batch, step)
+        images = batch.images.to(self.accelerator.device)  # (B, 3, R, R)
+        with torch.no_grad():
+            fake = self.tokenizer.module(images).reconstruction  # (B, 3, R, R)
+        logits = self.critic.module(torch.cat([images, fake]))  # (2B, 1)
+        target = torch.cat([torch.ones(len(images), 1), torch.zeros(len(images), 1)])
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        self.accelerator.backward(loss)
+        optimizer_step(self.accelerator, self.critic, 0.0)
+        out.scalars["loss/critic"] = loss.detach()
+        return out
+
+
+@pytest.fixture()
+def critic_task(monkeypatch):
+    monkeypatch.setitem(tasks._BUILDERS, "tokenizer", CriticTask)
+
+
+def _config(tmp_path: Path, shards, run_dir: Path):
+    path = write_config(
+        tmp_path,
+        shards,
+        run_dir,
+        "train.max_steps=6",
+        "checkpoint.every=3",
+        "logging.num_images=0",
+        "data.eval_shards=null",
+        "data.num_workers=0",
+    )
+    return load_config(path)
+
+
+def _rows(run_dir: Path) -> dict[int, dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row for row in map(json.loads, lines)}
+
+
+def test_two_part_task_checkpoints_by_part_and_resumes_exactly(tmp_path, critic_task):
+    shards = make_shards(tmp_path / "shards")
+    straight = train(_config(tmp_path, shards, tmp_path / "straight"))
+    cfg = _config(tmp_path, shards, tmp_path / "resumed")
+    assert train(cfg, stop_after=3).step == 3
+    resumed = train(cfg)
+    assert resumed.step == 6
+
+    a, b = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in range(1, 7):
+        for key in ("loss", "loss/critic", "lr/tokenizer", "lr/critic"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
+    assert a[6]["loss/critic"] < a[1]["loss/critic"]  # the critic learned something
+
+    ckpt = latest_checkpoint(tmp_path / "resumed")
+    assert checkpoint_parts(ckpt) == ["tokenizer", "critic"]
+    for name, part in (("tokenizer", resumed.model), ("critic", None)):
+        weights = load_checkpoint_weights(ckpt, name)
+        straight_weights = load_checkpoint_weights(latest_checkpoint(tmp_path / "straight"), name)
+        assert weights.keys() == straight_weights.keys()
+        for key in weights:
+            torch.testing.assert_close(weights[key], straight_weights[key], rtol=1e-6, atol=1e-7)
+        if part is not None:
+            assert weights.keys() == part.state_dict().keys()
+    assert straight.model.state_dict().keys() == resumed.model.state_dict().keys()
+
+    # The release holds the tokenizer alone.
+    release = export_release(tmp_path / "resumed", tmp_path / "release")
+    assert sorted(p.name for p in release.directory.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
+def test_resuming_another_tasks_checkpoint_is_refused(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "shards")
+    cfg = _config(tmp_path, shards, tmp_path / "run")
+    monkeypatch.setitem(tasks._BUILDERS, "tokenizer", CriticTask)
+    train(cfg, stop_after=3)
+    monkeypatch.setitem(tasks._BUILDERS, "tokenizer", TokenizerTask)
+    with pytest.raises(ValueError, match=r"holds parts \['tokenizer', 'critic'\].*\['tokenizer'\]"):
+        train(cfg)

@@ -1,0 +1,105 @@
+"""What one training step computes: a task. The loop (tokenizer/training/loop.py) is one.
+
+The loop owns the engine, the data stream, resume and the schedule of logs, previews,
+evaluations and checkpoints. A task owns what differs between objectives: its parts (each a
+module with its own optimiser and LR schedule: the tokenizer; later a discriminator or a
+prior), what a micro-step computes and which code grids it trains. Everything the loop does
+with a part (prepare, accumulate, checkpoint, resume) goes by the part's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from tokenizer.quantize import VectorQuantizer
+
+
+@dataclass
+class Part:
+    """One trained module with its optimiser and schedule. After `accelerator.prepare`
+    `module` and `optimizer` are the prepared (wrapped) objects; `core` stays the bare
+    module, for the forwards that must not go through a wrapper (previews, evaluation)."""
+
+    name: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    core: nn.Module = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.core = self.module
+
+
+@dataclass
+class StepOutput:
+    """What one micro-step reports to the metric window, by name.
+
+    scalars: 0-d tensors (loss terms, weights, logits), averaged over the micro-steps of a
+    log window; per_image: (B,) tensors (PSNR), averaged over images; code_counts: grid
+    name -> (K,) hits of each code in this micro-batch.
+    """
+
+    scalars: dict[str, torch.Tensor]
+    per_image: dict[str, torch.Tensor] = field(default_factory=dict)
+    code_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_samples: int = 0
+
+
+class TrainingTask(ABC):
+    """A training objective. The loop calls, in order: `parts()` once (then prepares them
+    and writes the prepared objects back into the same Part objects), `quantizers()` to
+    synchronise every code grid across ranks, then `train_step` for every micro-batch
+    inside `accelerator.accumulate` of every part."""
+
+    @abstractmethod
+    def parts(self) -> list[Part]:
+        """The task's parts, built once, in a fixed order (the checkpoint's order)."""
+
+    @property
+    @abstractmethod
+    def release_part(self) -> str:
+        """The part a release (tools/export_tokenizer.py) is written from."""
+
+    def quantizers(self) -> dict[str, VectorQuantizer]:
+        """Grid name -> the quantizer the loop synchronises, checks and logs; {} if none."""
+        return {}
+
+    @abstractmethod
+    def train_step(self, batch: Any, step: int) -> StepOutput:
+        """One micro-step: forward, losses, backward and (on the accumulation boundary,
+        as Accelerate decides) the optimiser steps of the parts it trains. `step` is the
+        number of optimiser steps done before this one."""
+
+    @abstractmethod
+    def batches(
+        self, shards: list[str], rank: int, world_size: int, state: dict | None
+    ) -> tuple[Iterator[Any], Any]:
+        """An endless iterator of this rank's batches, and the stream tracker whose
+        `update(batch)`, `state_dict()` and `bad_samples` the loop keeps and checkpoints
+        (`state`: a tracker state to resume from)."""
+
+    def preview(self, shards: list[str]) -> Callable[[], list[torch.Tensor]] | None:
+        """A function giving the image rows (B, 3, H, W) in [-1, 1] to save as training
+        goes, on a fixed held-out batch; None: no preview. Every rank calls the function
+        (ZeRO-3 gathers weights collectively); the main process saves."""
+        return None
+
+    def evaluate(self, shards: list[str], accelerator: Accelerator) -> dict[str, float] | None:
+        """Held-out metrics by name; every rank calls it; None: nothing to evaluate."""
+        return None
+
+
+def optimizer_step(accelerator: Accelerator, part: Part, grad_clip: float) -> None:
+    """Clip (on the accumulation boundary only: the gradient is whole then), step, zero."""
+    if accelerator.sync_gradients and grad_clip > 0:
+        accelerator.clip_grad_norm_(part.module.parameters(), grad_clip)
+    part.optimizer.step()
+    part.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,127 @@
+"""The tokenizer task: one tokenizer model trained on reconstruction + its quantizers'
+VQ terms (the VQ-VAE objective), with AdamW and warmup + cosine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+
+import torch
+from accelerate import Accelerator
+
+from tokenizer.config import Config
+from tokenizer.data.stream import ImageBatch, StreamTracker, iter_eval_batches, make_train_loader
+from tokenizer.evaluation.evaluate import evaluate_shards
+from tokenizer.evaluation.metrics import psnr_per_image
+from tokenizer.losses.reconstruction import vqvae_loss
+from tokenizer.models import TokenizerModel, build_model
+from tokenizer.quantize import VectorQuantizer
+from tokenizer.training.optim import build_optimizer
+from tokenizer.training.task import Part, StepOutput, TrainingTask, optimizer_step
+
+logger = logging.getLogger("tokenizer.training.loop")
+
+TOKENIZER = "tokenizer"  # the part's name: checkpoints and exports refer to it
+
+
+class TokenizerTask(TrainingTask):
+    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+        self.cfg, self.accelerator = cfg, accelerator
+        model = build_model(cfg)
+        optimizer, scheduler = build_optimizer(model, cfg.train)
+        self.tokenizer = Part(TOKENIZER, model, optimizer, scheduler)
+
+    def parts(self) -> list[Part]:
+        return [self.tokenizer]
+
+    @property
+    def release_part(self) -> str:
+        return TOKENIZER
+
+    @property
+    def model(self) -> TokenizerModel:
+        return self.tokenizer.core
+
+    def quantizers(self) -> dict[str, VectorQuantizer]:
+        return self.model.quantizers()
+
+    def batches(
+        self, shards: list[str], rank: int, world_size: int, state: dict | None
+    ) -> tuple[Iterator[ImageBatch], StreamTracker]:
+        loader, tracker = make_train_loader(
+            self.cfg.data,
+            shards,
+            batch_size=self.cfg.train.batch_size,
+            seed=self.cfg.run.seed,
+            rank=rank,
+            world_size=world_size,
+            state=state,
+        )
+        # Seeding the loader's workers draws from torch's RNG: kept out of the training
+        # stream, so that a resumed run makes the same draws (restarts, k-means) as an
+        # uninterrupted one from the restored RNG state on.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        return batches, tracker
+
+    def train_step(self, batch: ImageBatch, step: int) -> StepOutput:
+        part = self.tokenizer
+        images = batch.images.to(self.accelerator.device)  # (B, 3, R, R) in [-1, 1]
+        out = part.module(images)
+        terms = vqvae_loss(images, out, self.cfg.loss.reconstruction)
+        self.accelerator.backward(terms.total)
+        optimizer_step(self.accelerator, part, self.cfg.train.grad_clip)
+        with torch.no_grad():
+            psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
+        return StepOutput(
+            scalars={"loss": terms.total, **{f"loss/{k}": v for k, v in terms.terms.items()}},
+            per_image={"psnr": psnr},
+            code_counts={name: grid.counts for name, grid in out.grids.items()},
+            num_samples=images.shape[0],
+        )
+
+    def preview(self, shards: list[str]) -> Callable[[], list[torch.Tensor]] | None:
+        if not shards or not self.cfg.logging.num_images:
+            return None
+        first = next(
+            iter_eval_batches(shards, self.cfg.data.resolution, self.cfg.logging.num_images), None
+        )
+        if first is None:
+            return None
+        images = first.images  # (N, 3, R, R)
+
+        @torch.no_grad()
+        def rows() -> list[torch.Tensor]:
+            model = self.tokenizer.core
+            was_training = model.training
+            model.eval()
+            recon = model(images.to(self.accelerator.device)).reconstruction
+            model.train(was_training)
+            return [images, recon]
+
+        return rows
+
+    def evaluate(self, shards: list[str], accelerator: Accelerator) -> dict[str, float] | None:
+        if not shards:
+            return None
+        result = evaluate_shards(
+            self.model,
+            shards,
+            self.cfg.data.resolution,
+            self.cfg.train.batch_size,
+            accelerator.device,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
+            max_batches=self.cfg.logging.eval_batches,
+        )
+        logger.info(
+            "eval: psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.1f on %d held-out images",
+            result.psnr,
+            result.ssim,
+            100 * result.usage,
+            result.perplexity,
+            result.num_images,
+        )
+        return asdict(result)
