@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -166,7 +166,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             log.preview(core, preview, step)
         if cfg.logging.eval_every and eval_shards and step % cfg.logging.eval_every == 0:
             result = _evaluate(core, cfg, eval_shards, accelerator)
-            accelerator.log({f"eval/{k}": v for k, v in asdict(result).items()}, step=step)
+            accelerator.log({f"eval/{k}": v for k, v in result.metrics().items()}, step=step)
         if cfg.distributed.check_every and step % cfg.distributed.check_every == 0:
             _check_codebook(cfg, collective, core, step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -206,14 +206,7 @@ def _evaluate(core: VQVAE, cfg: Config, shards: list[str], accelerator: Accelera
         reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
         max_batches=cfg.logging.eval_batches,
     )
-    logger.info(
-        "eval: psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.1f on %d held-out images",
-        result.psnr,
-        result.ssim,
-        100 * result.usage,
-        result.perplexity,
-        result.num_images,
-    )
+    logger.info("eval: %s on %d held-out images", result.describe(), result.num_images)
     return result
 
 
