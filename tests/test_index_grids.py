@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_index_shards import tool_main
 from tokenize_helpers import plain_tar_samples, write_sources
 from two_grid_model import BOTTOM, TOP, two_grid_tokenizer
 
@@ -108,9 +109,12 @@ def test_index_shards_and_packed_arrays_give_both_grids(world):
     np.testing.assert_array_equal(raw[0], samples[-8].grids[BOTTOM])
 
 
-def test_verify_checks_every_grid(world, tmp_path):
+def test_verify_checks_every_grid(world, tmp_path, capsys):
     report = verify_index(world["index"])
     assert report.ok, report.problems
+    # The tool's --verify needs no tokenizer: it reads the grids from the manifest.
+    assert tool_main()(["--verify", str(world["index"])]) == 0
+    assert "PROBLEM" not in capsys.readouterr().out
     damaged = tmp_path / "damaged"
     shutil.copytree(world["index"], damaged)
     codes = np.load(damaged / "000002.tokens_bottom.npy")

@@ -17,7 +17,9 @@ A run into a folder that already holds an index keeps every shard of it: with --
 its manifest then lists the old inputs and the new; without, the run must list them all.
 
 A model with several code grids (VQ-VAE-2) writes `tokens_<grid>.npy` per grid instead
-of `tokens.npy`, and `000042.tokens_<grid>.npy` packed arrays.
+of `tokens.npy`, and `000042.tokens_<grid>.npy` packed arrays. The manifest's `grids`
+lists every grid with its field, [h, w], K and dtype; its top-level codebook_size,
+grid_shape and dtype repeat the single grid's, and are null with several grids.
 """
 
 from __future__ import annotations
