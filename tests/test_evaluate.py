@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from conftest import write_test_shards
+from two_grid_model import BOTTOM, TOP, two_grid_tokenizer
 
 import tokenizer.evaluation.evaluate as evaluate_module
 from tokenizer import build_model, load_config
@@ -106,3 +107,34 @@ def test_max_batches_in_lockstep_ends_on_every_rank(
     assert decoded == expected
     total = sum(expected.values())
     assert results[0].num_images == results[1].num_images == total
+
+
+def test_usage_and_perplexity_are_reported_per_grid(tmp_path, model):
+    shards = write_test_shards(tmp_path, num_shards=1, per_shard=5)
+    single = evaluate_shards(model, shards.paths, 16, batch_size=2)
+    # One grid: the key names tools/eval_tokenizer.py and the training log have always had.
+    assert list(single.metrics()) == ["psnr", "ssim", "usage", "perplexity", "num_images"]
+    assert single.metrics()["usage"] == single.usage == single.grids["tokens"].usage
+
+    tok = two_grid_tokenizer()
+    result = evaluate_shards(tok.model, shards.paths, 16, batch_size=2)
+    assert result.num_images == 5 and set(result.grids) == {TOP, BOTTOM}
+    assert {n: g.codebook_size for n, g in result.grids.items()} == {TOP: 16, BOTTOM: 32}
+    # Usage over the whole set: the distinct codes encode_grids gives these images.
+    images = torch.cat([b for b in _eval_images(shards.paths)])  # (5, 3, 16, 16) in [-1, 1]
+    codes = tok.model.encode_codes(images)
+    for grid, k in ((TOP, 16), (BOTTOM, 32)):
+        assert result.grids[grid].usage == pytest.approx(codes[grid].unique().numel() / k)
+    metrics = result.metrics()
+    assert set(metrics) == {
+        "psnr", "ssim", "num_images", "usage/top", "usage/bottom", "perplexity/top",
+        "perplexity/bottom",
+    }  # fmt: skip
+    assert metrics["perplexity/bottom"] == result.grids[BOTTOM].perplexity
+    with pytest.raises(ValueError, match=r"use result\.grids\[name\]"):
+        result.usage  # noqa: B018
+    assert "top: usage" in result.describe() and "bottom: usage" in result.describe()
+
+
+def _eval_images(paths):
+    return (b.images for b in evaluate_module.iter_eval_batches(paths, 16, 2))

@@ -158,15 +158,15 @@ def test_index_shards_split_by_rank_and_worker_and_shuffle_per_epoch(npy_index):
     keys = [s.key for s in IndexShards(npy_index)]
     for nslots in (2, 4):  # fewer shards (3) than slots: samples are split instead
         parts = [
-            [s.key for s in IndexShards(npy_index, rank=r, world_size=nslots)]
+            [s.key for s in IndexShards(npy_index, rank=r, world_size=nslots, remainder="keep")]
             for r in range(nslots)
         ]
         assert Counter(k for p in parts for k in p) == Counter(keys)
     # 2 ranks x 2 DataLoader workers: every sample once over the four readers.
     loaders = [
         torch.utils.data.DataLoader(
-            IndexShards(npy_index, rank=rank, world_size=2), batch_size=4, num_workers=2,
-            collate_fn=collate_tokens,
+            IndexShards(npy_index, rank=rank, world_size=2, remainder="keep"), batch_size=4,
+            num_workers=2, collate_fn=collate_tokens,
         )
         for rank in range(2)
     ]  # fmt: skip

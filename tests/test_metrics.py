@@ -61,6 +61,10 @@ class _DimmingAutoencoder(torch.nn.Module):
     """Stands in for a VQVAE: reconstructions are the images dimmed, codes 0 and 2 used."""
 
     codebook_size = 4
+    training = False
+
+    def quantizers(self) -> dict[str, SimpleNamespace]:
+        return {"tokens": SimpleNamespace(codebook_size=4)}
 
     def forward(self, images: torch.Tensor) -> SimpleNamespace:
         counts = torch.tensor([images.shape[0], 0.0, 1.0, 0.0])  # (K,)

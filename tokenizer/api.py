@@ -30,7 +30,7 @@ from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig, 
 from tokenizer.data.images.modes import as_rgb
 from tokenizer.data.images.pixels import ImageInput, as_pixel_batch
 from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
-from tokenizer.models import VQVAE, build_model
+from tokenizer.models import TokenizerModel, build_model
 
 # The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
 # ("top", "bottom") and encode_grids returns one entry per grid.
@@ -82,7 +82,7 @@ def exact_search_name(trained: str, override: str | None = None) -> str:
 
 
 class Tokenizer:
-    def __init__(self, model: VQVAE, config: Config, search: str | None = None) -> None:
+    def __init__(self, model: TokenizerModel, config: Config, search: str | None = None) -> None:
         """Wrap a built model; `search` ("torch", "faiss", "auto") replaces the exact
         counterpart of config.quantizer.search as the backend (the codes stay the
         nearest ones, so the fingerprint does not change)."""
@@ -139,13 +139,26 @@ class Tokenizer:
         tok = cls.from_config(config, release.weights, str(directory), search)
         # Derived values the file repeats for readers without this package: a hand edit
         # of one of them alone must not pass unnoticed.
-        for key in ("codebook_size", "downsample_factor"):
-            if key in raw and raw[key] != getattr(tok, key):
+        for key, built in tok._derived().items():
+            if key in raw and raw[key] != built:
                 raise ValueError(
-                    f"{source}: {key} is {raw[key]!r} but the model its config builds has "
-                    f"{getattr(tok, key)}"
+                    f"{source}: {key} is {raw[key]!r} but the model its config builds has {built}"
                 )
         return tok.to(device, dtype)
+
+    def _derived(self) -> dict[str, Any]:
+        """What config.json repeats about the built model. A single grid keeps the keys
+        releases have always had (`codebook_size`, `downsample_factor`: the fingerprint of
+        an existing release stays as it was); several grids list each under `grids`."""
+        factors = self.model.downsample_factors()
+        if len(factors) == 1:
+            return {
+                "codebook_size": self.codebook_size,
+                "downsample_factor": self.downsample_factor,
+            }
+        sizes = self.codebook_sizes
+        grids = {n: {"codebook_size": sizes[n], "downsample_factor": f} for n, f in factors.items()}
+        return {"grids": grids}
 
     def release_config(self) -> dict[str, Any]:
         """The release's config.json body (index manifests embed it)."""
@@ -154,8 +167,7 @@ class Tokenizer:
             "quantizer": asdict(self.config.quantizer),
             # Preprocessing the tokenizer was trained with, for tools that feed it images.
             "data": {"resolution": self.config.data.resolution},
-            "codebook_size": self.codebook_size,
-            "downsample_factor": self.downsample_factor,
+            **self._derived(),
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -196,7 +208,12 @@ class Tokenizer:
 
     @property
     def downsample_factor(self) -> int:
-        return self.model.downsample_factor
+        return self.model.downsample_factors()[self._single_grid("downsample_factors")]
+
+    @property
+    def downsample_factors(self) -> dict[str, int]:
+        """Pixels per code along each side, of every grid."""
+        return dict(self.model.downsample_factors())
 
     @property
     def code_dim(self) -> int:

@@ -359,6 +359,11 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, rule.key)
         if not rule.ok(value):
             raise ConfigError(f"{rule.key} must be {rule.requirement}, got {value!r}")
+    # Architectures register themselves (models/registry.py), so the choices are known
+    # only at run time; imported here because the models import this module.
+    from tokenizer.models.registry import check_arch
+
+    check_arch(cfg.model.arch)
     factor = 2 ** len(cfg.model.channels)
     if cfg.data.resolution % factor:
         raise ConfigError(

@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import tarfile
-from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -76,17 +75,21 @@ def main(argv: list[str] | None = None) -> int:
             # Samples the headers list but that cannot be decoded (logged as warnings).
             bar.set_postfix_str(f"{total - bar.n} unreadable", refresh=False)
             bar.total = bar.n
+    grids = "  ".join(
+        f"{'' if len(result.grids) == 1 else f'{name} '}codebook usage: "
+        f"{100 * g.usage:.1f}% of {g.codebook_size} codes  perplexity: {g.perplexity:.1f}"
+        for name, g in result.grids.items()
+    )
     print(
         f"held-out images: {result.num_images}  PSNR: {result.psnr:.2f} dB  "
-        f"SSIM: {result.ssim:.4f}  "
-        f"codebook usage: {100 * result.usage:.1f}% of {tok.codebook_size} codes  "
-        f"perplexity: {result.perplexity:.1f}"
+        f"SSIM: {result.ssim:.4f}  {grids}"
     )
-    print(json.dumps(asdict(result)))
+    # psnr, ssim, usage, perplexity, num_images; per grid `usage/<grid>` with several.
+    print(json.dumps(result.metrics()))
     if args.grid:
         batch = next(iter(iter_eval_batches(shards, resolution, args.grid_images)))
         originals = (batch.images + 1.0) / 2.0  # [0, 1]
-        recon = tok.decode(tok.encode(originals.to(args.device)))
+        recon = tok.decode_grids(tok.encode_grids(originals.to(args.device)))
         save_image_grid([batch.images, recon.cpu() * 2.0 - 1.0], args.grid)
         print(f"wrote {args.grid}")
     return 0

@@ -10,17 +10,60 @@ import torch
 
 from tokenizer.data.stream import iter_eval_batches
 from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image
-from tokenizer.models import SINGLE_GRID, VQVAE
+from tokenizer.models.base import SINGLE_GRID, TokenizerModel, quantizer_modules
 from tokenizer.quantize.codebook import perplexity, usage
+
+
+@dataclass
+class GridUsage:
+    """How one code grid's codebook was used over the whole evaluation set."""
+
+    usage: float  # fraction of the grid's K codes used on these images
+    perplexity: float  # exp(entropy) of the code frequencies: K when used evenly
+    codebook_size: int
 
 
 @dataclass
 class EvalResult:
     psnr: float  # dB, mean over images
     ssim: float  # mean over images (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5)
-    usage: float  # fraction of codes used on these images
-    perplexity: float
     num_images: int
+    grids: dict[str, GridUsage]  # grid name -> its codebook usage
+
+    def _single(self) -> GridUsage:
+        if len(self.grids) != 1:
+            raise ValueError(f"grids {', '.join(self.grids)}: use result.grids[name]")
+        return next(iter(self.grids.values()))
+
+    @property
+    def usage(self) -> float:
+        """The usage of a single-grid model's codebook."""
+        return self._single().usage
+
+    @property
+    def perplexity(self) -> float:
+        return self._single().perplexity
+
+    def metrics(self) -> dict[str, float]:
+        """Flat named scalars for logs and JSON: psnr, ssim, num_images, and per grid
+        `usage` / `perplexity` (one grid: the names tools and logs have always used) or
+        `usage/<grid>` / `perplexity/<grid>` (several)."""
+        out: dict[str, float] = {"psnr": self.psnr, "ssim": self.ssim}
+        for name, grid in self.grids.items():
+            suffix = "" if len(self.grids) == 1 else f"/{name}"
+            out[f"usage{suffix}"] = grid.usage
+            out[f"perplexity{suffix}"] = grid.perplexity
+        out["num_images"] = self.num_images
+        return out
+
+    def describe(self) -> str:
+        """One line for people: PSNR, SSIM and each grid's usage and perplexity."""
+        grids = ", ".join(
+            f"{'' if name == SINGLE_GRID else f'{name}: '}usage {100 * g.usage:.1f}% of "
+            f"{g.codebook_size} codes, perplexity {g.perplexity:.1f}"
+            for name, g in self.grids.items()
+        )
+        return f"psnr {self.psnr:.2f} dB, ssim {self.ssim:.4f}, {grids}"
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -29,17 +72,19 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: VQVAE,
+    model: TokenizerModel,
     images: Iterable[torch.Tensor],
     device: torch.device | str = "cpu",
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
     on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """images: batches (B, 3, H, W) in [-1, 1]. `reduce_sum` sums a tensor over ranks, so
-    every rank returns the global result; `on_batch(B)` follows each batch (progress)."""
+    every rank returns the global result; `on_batch(B)` follows each batch (progress).
+    Usage is counted over every image of the set, per grid."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(model.codebook_size, device=device)  # (K,)
+    sizes = {name: q.codebook_size for name, q in quantizer_modules(model).items()}
+    counts = {name: torch.zeros(k, device=device) for name, k in sizes.items()}  # (K,) each
     psnr_sum = torch.zeros((), device=device)
     ssim_sum = torch.zeros((), device=device)
     num_images = torch.zeros((), device=device)
@@ -50,19 +95,23 @@ def evaluate(
         if batch.shape[0]:  # lockstep's empty batches have no pixels to slide a window over
             ssim_sum += ssim_per_image(batch, out.reconstruction).sum()
         num_images += batch.shape[0]
-        counts += out.grids[SINGLE_GRID].counts  # (K,) this batch's, computed by the quantizer
+        for name in counts:
+            counts[name] += out.grids[name].counts  # (K,) this batch's, from the quantizer
         if on_batch is not None:
             on_batch(batch.shape[0])
     model.train(was_training)
-    counts, num_images = reduce_sum(counts), reduce_sum(num_images)
+    counts = {name: reduce_sum(c) for name, c in counts.items()}
+    num_images = reduce_sum(num_images)
     psnr_sum, ssim_sum = reduce_sum(psnr_sum), reduce_sum(ssim_sum)
     n = int(num_images.item())
     return EvalResult(
         psnr=(psnr_sum / max(n, 1)).item(),
         ssim=(ssim_sum / max(n, 1)).item(),
-        usage=usage(counts).item(),
-        perplexity=perplexity(counts).item(),
         num_images=n,
+        grids={
+            name: GridUsage(usage(c).item(), perplexity(c).item(), sizes[name])
+            for name, c in counts.items()
+        },
     )
 
 
@@ -83,7 +132,7 @@ def lockstep(
 
 
 def evaluate_shards(
-    model: VQVAE,
+    model: TokenizerModel,
     shards: list[str],
     resolution: int,
     batch_size: int,

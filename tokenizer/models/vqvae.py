@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tokenizer.config import ModelConfig, QuantizerConfig
+from tokenizer.config import Config, ModelConfig, QuantizerConfig
 from tokenizer.models.base import SINGLE_GRID, TokenizerOutput
 from tokenizer.nn.paper import Decoder, Encoder
 from tokenizer.quantize import QuantizerOutput, VectorQuantizer, search_from_config
@@ -44,6 +44,10 @@ class VQVAE(nn.Module):
             res_channels=model.res_channels,
             code_dim=quantizer.code_dim,
         )
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> VQVAE:
+        return cls(cfg.model, cfg.quantizer)
 
     @property
     def downsample_factor(self) -> int:

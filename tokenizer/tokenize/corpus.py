@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from torch.utils.data import DataLoader
 
 from tokenizer.api import Tokenizer
@@ -45,12 +44,14 @@ from tokenizer.data.index.format import (
     output_name,
     read_record,
     settings_digest,
+    single_grid_fields,
     write_json_atomic,
 )
 from tokenizer.data.index.sink import EncodedBatch, IndexSink
 from tokenizer.data.index.writer import completed_record, remove_stale_temporaries
 from tokenizer.data.shard_specs import check_shards_exist, resolve_shards
 from tokenizer.data.source_batches import SourceBatch, SourceShards
+from tokenizer.training.engine import make_accelerator
 
 # Ranks finish their last shards at different times; the final barrier must outwait that.
 _BARRIER_TIMEOUT = timedelta(hours=12)
@@ -102,14 +103,6 @@ class _Plan:
     existing: bool  # the folder held a manifest
 
 
-def make_accelerator() -> Accelerator:
-    # Without cpu=True, CPU ranks launched with --multi_gpu each believe they are alone.
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=_BARRIER_TIMEOUT)],
-    )
-
-
 def _check_names(sources: list[str], names: list[str], earlier: int, out: Path) -> None:
     seen: dict[str, str] = {}
     for i, (source, name) in enumerate(zip(sources, names, strict=True)):
@@ -131,13 +124,7 @@ def _plan(options: TokenizeOptions, tok: Tokenizer, out: Path) -> _Plan:
     if options.storage not in ("tar", "npy"):
         raise ValueError(f"--format must be 'tar' or 'npy', got {options.storage!r}")
     resolution = options.resolution or tok.resolution
-    h, w = tok.grid_shape(resolution, resolution)
-    dtype = code_dtype(tok.codebook_size)
-    # A hierarchical model gives each grid its own shape and K; only one grid exists yet.
-    grids = [
-        GridSpec(name, field, [h, w], tok.codebook_size, dtype.name)
-        for name, field in grid_fields(list(tok.grid_names)).items()
-    ]
+    grids = grid_specs(tok, resolution)
     preprocessing = eval_preprocessing(resolution)
     settings = settings_digest(tok.fingerprint, preprocessing, grids)
     inputs = index_inputs(out, requested, settings, options.storage, options.append)
@@ -153,6 +140,18 @@ def _plan(options: TokenizeOptions, tok: Tokenizer, out: Path) -> _Plan:
         inputs.earlier,
         inputs.existing is not None,
     )
+
+
+def grid_specs(tok: Tokenizer, resolution: int) -> list[GridSpec]:
+    """Every code grid of `tok` at a square `resolution`: its sample field, (h, w), K and
+    code dtype, in the model's order (coarsest first)."""
+    shapes = tok.grid_shapes(resolution, resolution)
+    sizes = tok.codebook_sizes
+    fields = grid_fields(list(tok.grid_names))
+    return [
+        GridSpec(name, fields[name], list(shapes[name]), sizes[name], code_dtype(sizes[name]).name)
+        for name in tok.grid_names
+    ]
 
 
 def _to_numpy(codes: dict[str, torch.Tensor], grids: list[GridSpec]) -> dict[str, np.ndarray]:
@@ -261,16 +260,13 @@ def _duplicates_error(
 def _manifest(
     tok: Tokenizer, options: TokenizeOptions, plan: _Plan, records: list[ShardRecord]
 ) -> IndexManifest:
-    first = plan.grids[0]
     return IndexManifest(
         tokenizer={
             "sha256": tok.fingerprint,
             "config": tok.release_config(),
             "source": os.path.abspath(options.tokenizer),
         },
-        codebook_size=tok.codebook_size,
-        grid_shape=first.shape,
-        dtype=first.dtype,
+        **single_grid_fields(plan.grids),
         grids=plan.grids,
         preprocessing=plan.preprocessing,
         storage=options.storage,
@@ -284,7 +280,7 @@ def _manifest(
 def tokenize_corpus(
     options: TokenizeOptions, accelerator: Accelerator | None = None
 ) -> TokenizeSummary:
-    accelerator = accelerator or make_accelerator()
+    accelerator = accelerator or make_accelerator(timeout=_BARRIER_TIMEOUT)
     started = time.perf_counter()
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -313,7 +309,8 @@ def tokenize_corpus(
             f"tokenizing {len(pending)} of {len(plan.names)} shards ({skipped} already "
             f"complete{earlier}) on {world} rank(s), {_num_workers(options)} decoding "
             f"workers per rank, device {accelerator.device}, "
-            f"{plan.preprocessing['resolution']} px -> grid {plan.grids[0].shape}",
+            f"{plan.preprocessing['resolution']} px -> "
+            + ", ".join(f"grid {g.name} {g.shape}" for g in plan.grids),
             file=sys.stderr,
             flush=True,
         )

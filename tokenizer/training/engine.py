@@ -4,7 +4,9 @@ DeepSpeed ZeRO 1/2/3, on GPUs or on CPU ranks (gloo)."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -33,8 +35,13 @@ def _allow_deepspeed_without_transformers() -> None:
         DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    on_cpu = not torch.cuda.is_available()
+def make_accelerator(cfg: Config | None = None, timeout: timedelta | None = None) -> Accelerator:
+    """The Accelerator of a training run (`cfg`: mixed precision, accumulation, logging,
+    DeepSpeed), or with cfg None one for inference across ranks (tokenize: no gradients,
+    so none of that). `timeout`: how long collectives wait (a barrier after ranks
+    finish unequal work)."""
+    if cfg is None:
+        return _accelerator(use_deepspeed=False, timeout=timeout)
     use_deepspeed = deepspeed_requested()
     # The codebook synchronises its own buffers (all-reduced EMA statistics, broadcast
     # restarts) exactly as it must under DeepSpeed; DDP re-broadcasting them from rank 0
@@ -42,21 +49,17 @@ def make_accelerator(cfg: Config) -> Accelerator:
     handlers: list = [DistributedDataParallelKwargs(broadcast_buffers=False)]
     if use_deepspeed:
         _allow_deepspeed_without_transformers()
-        if on_cpu:
-            # DeepSpeed on CPU ranks needs gloo named explicitly, and cpu=True must NOT be
-            # passed (Accelerate would then drop the DeepSpeed engine).
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
     project = ProjectConfiguration(
         project_dir=cfg.run.dir, logging_dir=str(Path(cfg.run.dir) / "logs")
     )
-    accelerator = Accelerator(
-        # Without cpu=True, CPU ranks launched with --multi_gpu each believe they are alone.
-        cpu=on_cpu and not use_deepspeed,
+    accelerator = _accelerator(
+        use_deepspeed,
+        timeout,
+        handlers,
         mixed_precision=None if cfg.train.mixed_precision == "auto" else cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with="tensorboard" if cfg.logging.tensorboard else None,
         project_config=project,
-        kwargs_handlers=handlers,
     )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
@@ -65,6 +68,28 @@ def make_accelerator(cfg: Config) -> Accelerator:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         plugin.deepspeed_config["gradient_clipping"] = cfg.train.grad_clip
     return accelerator
+
+
+def _accelerator(
+    use_deepspeed: bool,
+    timeout: timedelta | None,
+    handlers: list | None = None,
+    **options: Any,
+) -> Accelerator:
+    """The CPU and process-group rules every Accelerator here needs."""
+    on_cpu = not torch.cuda.is_available()
+    group: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if use_deepspeed and on_cpu:
+        # DeepSpeed on CPU ranks needs gloo named explicitly, and cpu=True must NOT be
+        # passed (Accelerate would then drop the DeepSpeed engine).
+        group["backend"] = "gloo"
+    extra = [InitProcessGroupKwargs(**group)] if group else []
+    return Accelerator(
+        # Without cpu=True, CPU ranks launched with --multi_gpu each believe they are alone.
+        cpu=on_cpu and not use_deepspeed,
+        kwargs_handlers=[*(handlers or []), *extra],
+        **options,
+    )
 
 
 def deepspeed_fp32_weights(accelerator: Accelerator, engine) -> dict[str, torch.Tensor] | None:

@@ -1,2 +1,3 @@
 """Index shards (tokenized corpora for priors): the format and manifest, the writer and its
-background sink, the reader (IndexShards, PackedIndex), verification, appends, duplicates."""
+background sink, the reader (IndexShards: every grid, equal per-rank counts in balance.py,
+mid-epoch resume in progress.py; PackedIndex), verification, appends, duplicates."""

@@ -17,7 +17,9 @@ A run into a folder that already holds an index keeps every shard of it: with --
 its manifest then lists the old inputs and the new; without, the run must list them all.
 
 A model with several code grids (VQ-VAE-2) writes `tokens_<grid>.npy` per grid instead
-of `tokens.npy`, and `000042.tokens_<grid>.npy` packed arrays.
+of `tokens.npy`, and `000042.tokens_<grid>.npy` packed arrays. The manifest's `grids`
+lists every grid with its field, [h, w], K and dtype; its top-level codebook_size,
+grid_shape and dtype repeat the single grid's, and are null with several grids.
 """
 
 from __future__ import annotations
@@ -148,13 +150,24 @@ class ShardRecord:
         return cls(**raw)
 
 
+def single_grid_fields(grids: list[GridSpec]) -> dict[str, Any]:
+    """The manifest's top-level codebook_size, grid_shape and dtype: those of the one grid
+    (what single-grid readers have always read), null with several grids, whose K, shape
+    and dtype differ: a reader of a hierarchy reads `grids`."""
+    if len(grids) != 1:
+        return {"codebook_size": None, "grid_shape": None, "dtype": None}
+    [grid] = grids
+    return {"codebook_size": grid.codebook_size, "grid_shape": grid.shape, "dtype": grid.dtype}
+
+
 @dataclass
 class IndexManifest:
     tokenizer: dict[str, Any]  # {"sha256": ..., "config": release config.json, "source": ...}
-    codebook_size: int
-    grid_shape: list[int]  # [h, w] of the first grid
-    dtype: str
-    grids: list[GridSpec]
+    # The single grid's K, [h, w] and dtype; None with several grids (single_grid_fields).
+    codebook_size: int | None
+    grid_shape: list[int] | None
+    dtype: str | None
+    grids: list[GridSpec]  # every grid, coarsest first: the authority on K, shape, dtype
     preprocessing: dict[str, Any]
     storage: str  # "tar" or "npy" (tars plus packed arrays)
     inputs: list[str]  # every source shard of the index (earlier runs' first), in order
@@ -168,6 +181,17 @@ class IndexManifest:
     def failed(self) -> list[tuple[str, FailedSample]]:
         """(source shard, failed sample) for every sample that is not in the index."""
         return [(s.source, f) for s in self.shards for f in s.failed]
+
+    @property
+    def grid_names(self) -> list[str]:
+        return [g.name for g in self.grids]
+
+    def grid(self, name: str) -> GridSpec:
+        """The spec of grid `name`, refusing names the index does not have."""
+        for spec in self.grids:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"the index has no grid {name!r}; its grids: {', '.join(self.grid_names)}")
 
     @property
     def tokenizer_sha256(self) -> str:

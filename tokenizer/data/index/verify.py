@@ -31,6 +31,7 @@ from tokenizer.data.index.format import (
     read_record,
     record_path,
     sidecar_bytes,
+    single_grid_fields,
 )
 from tokenizer.data.tars import RawSample, read_tar
 
@@ -205,6 +206,9 @@ def _check_header(manifest: IndexManifest) -> list[str]:
     for grid in manifest.grids:
         if np.dtype(grid.dtype) != code_dtype(grid.codebook_size):
             problems.append(f"grid {grid.name}: dtype {grid.dtype} for K={grid.codebook_size}")
+    for key, want in single_grid_fields(manifest.grids).items():
+        if getattr(manifest, key) != want:
+            problems.append(f"{key} is {getattr(manifest, key)!r}, its grids give {want!r}")
     recorded = {s.source for s in manifest.shards}
     missing = [s for s in manifest.inputs if s not in recorded]
     if missing:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
@@ -116,12 +115,5 @@ class TokenizerTask(TrainingTask):
             reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
             max_batches=self.cfg.logging.eval_batches,
         )
-        logger.info(
-            "eval: psnr %.2f dB, ssim %.4f, usage %.1f%%, perplexity %.1f on %d held-out images",
-            result.psnr,
-            result.ssim,
-            100 * result.usage,
-            result.perplexity,
-            result.num_images,
-        )
-        return asdict(result)
+        logger.info("eval: %s on %d held-out images", result.describe(), result.num_images)
+        return result.metrics()
