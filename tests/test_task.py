@@ -123,3 +123,45 @@ def test_resuming_another_tasks_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(tasks._BUILDERS, "tokenizer", TokenizerTask)
     with pytest.raises(ValueError, match=r"holds parts \['tokenizer', 'critic'\].*\['tokenizer'\]"):
         train(cfg)
+
+
+def test_a_two_grid_model_trains_syncs_logs_and_resumes_per_grid(tmp_path):
+    import two_grid_model
+
+    shards = make_shards(tmp_path / "shards")
+    grid_model = (f"model.arch={two_grid_model.ARCH}", "model.channels=[8,8,8]")
+
+    def config(run_dir):
+        return load_config(
+            write_config(
+                tmp_path,
+                shards,
+                run_dir,
+                *grid_model,
+                "train.max_steps=6",
+                "checkpoint.every=3",
+                "logging.num_images=2",
+                "logging.image_every=3",
+                "data.num_workers=0",
+                "distributed.check_every=2",
+            )  # fmt: skip
+        )
+
+    straight = train(config(tmp_path / "straight"))
+    cfg = config(tmp_path / "resumed")
+    train(cfg, stop_after=3)
+    resumed = train(cfg)
+    a, b = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    for grid in ("top", "bottom"):
+        for name in ("usage", "perplexity", "window_usage", "restarts"):
+            assert f"codebook/{grid}/{name}" in a[6], (grid, name)
+    assert "codebook/usage" not in a[6]
+    for step in range(1, 7):
+        for key in ("loss", "loss/commitment", "codebook/top/usage", "codebook/bottom/perplexity"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
+    for name, q in resumed.model.quantizers().items():
+        other = straight.model.quantizers()[name]
+        for key, value in q.state_dict().items():
+            torch.testing.assert_close(value, other.state_dict()[key], msg=f"{name}.{key}")
+    assert straight.eval is not None and {"usage/top", "usage/bottom"} <= straight.eval.keys()
+    assert (tmp_path / "straight" / "images" / "step_00000006.png").is_file()
