@@ -10,8 +10,8 @@ import pytest
 from tokenizer.atomic import (
     AtomicFile,
     atomic_path,
-    is_temporary,
     temporary_path,
+    temporary_target,
     write_bytes,
     write_json,
     write_text,
@@ -43,7 +43,7 @@ def test_failure_mid_stream_keeps_the_old_file(tmp_path: Path) -> None:
     target.write_bytes(b"old content")
     with pytest.raises(Boom), AtomicFile(target) as f:
         f.write(b"half of the new")
-        assert f.tmp.is_file() and is_temporary(f.tmp.name)
+        assert f.tmp.is_file() and temporary_target(f.tmp.name) == "shard.tar"
         raise Boom
     assert target.read_bytes() == b"old content"
     assert _only(tmp_path) == ["shard.tar"]
@@ -108,5 +108,6 @@ def test_new_files_get_the_umask_mode(tmp_path: Path) -> None:
 def test_temporary_names_are_hidden_and_recognised() -> None:
     name = temporary_path(Path("/x/000001.tar")).name
     assert name == f".000001.tar.tmp-{os.getpid()}"
-    assert is_temporary(name)
-    assert not is_temporary("000001.tar") and not is_temporary(".000001.tar.tmp")
+    assert temporary_target(name) == "000001.tar"
+    assert temporary_target("000001.tar") is None
+    assert temporary_target(".000001.tar.tmp") is None

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# What a killed writer leaves behind; cleaners match names against it.
-TEMPORARY_PATTERN = r"\..+\.tmp-\d+"
+# What a killed writer leaves behind: `.NAME.tmp-PID`, NAME in the group.
+_TEMPORARY = re.compile(r"\.(.+)\.tmp-\d+")
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -29,9 +29,11 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def is_temporary(name: str) -> bool:
-    """Whether `name` is a temporary file name this module makes (see temporary_path)."""
-    return re.fullmatch(TEMPORARY_PATTERN, name) is not None
+def temporary_target(name: str) -> str | None:
+    """The file name a temporary file of this module's would have become (for cleaners
+    of a killed run's leftovers), or None when `name` is not one (see temporary_path)."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
