@@ -38,25 +38,27 @@ def test_writers_replace_the_file(tmp_path: Path) -> None:
     assert _only(tmp_path) == ["out.json"]
 
 
-def test_failure_mid_stream_keeps_the_old_file(tmp_path: Path) -> None:
-    target = tmp_path / "shard.tar"
-    target.write_bytes(b"old content")
-    with pytest.raises(Boom), AtomicFile(target) as f:
+def _streamed(target: Path) -> None:
+    with AtomicFile(target) as f:
         f.write(b"half of the new")
-        assert f.tmp.is_file() and temporary_target(f.tmp.name) == "shard.tar"
+        assert temporary_target(f.tmp.name) == target.name
         raise Boom
+
+
+def _by_path(target: Path) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")  # as save_file(tensors, tmp) would
+        raise Boom
+
+
+@pytest.mark.parametrize("half_write", [_streamed, _by_path])
+def test_failure_mid_write_keeps_the_old_file(tmp_path: Path, half_write) -> None:
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old content")
+    with pytest.raises(Boom):
+        half_write(target)
     assert target.read_bytes() == b"old content"
-    assert _only(tmp_path) == ["shard.tar"]
-
-
-def test_failure_of_a_path_writer_keeps_the_old_file(tmp_path: Path) -> None:
-    target = tmp_path / "model.safetensors"
-    target.write_bytes(b"old")
-    with pytest.raises(Boom), atomic_path(target) as tmp:
-        tmp.write_bytes(b"partial")
-        raise Boom
-    assert target.read_bytes() == b"old"
-    assert _only(tmp_path) == ["model.safetensors"]
+    assert _only(tmp_path) == ["file.bin"]
 
 
 def test_failure_at_the_rename_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:

@@ -36,15 +36,16 @@ def temporary_target(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make the folder's entries (a rename into it) durable."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str | os.PathLike) -> None:
+    """Make a file's content, or a folder's entries (a rename into it), durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError:
-        # Some filesystems (and platforms) refuse fsync on a folder; the rename itself
-        # is still atomic there, only its durability is up to the filesystem.
-        pass
+        # Some filesystems refuse fsync on a folder; a rename there is still atomic,
+        # only its durability is up to the filesystem. A file's fsync must not fail.
+        if not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
 
@@ -62,21 +63,13 @@ def _create_temporary(path: Path) -> tuple[Path, int]:
     return tmp, mode
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _put_in_place(tmp: Path, path: Path, mode: int) -> None:
     """Rename the complete, fsynced tmp over path, durably."""
     # Libraries writing by path may recreate the file with their own mode (safetensors
     # writes 0600 whatever the umask): every file gets what a new file gets here.
     os.chmod(tmp, mode)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 @contextmanager
@@ -87,7 +80,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp, mode = _create_temporary(path)
     try:
         yield tmp
-        _fsync_file(tmp)
+        fsync_path(tmp)
         _put_in_place(tmp, path, mode)
     except BaseException:
         tmp.unlink(missing_ok=True)
