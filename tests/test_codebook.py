@@ -18,7 +18,8 @@ import tokenizer.quantize.quantizer as quantizer_module
 from tokenizer.config import load_config
 from tokenizer.models import build_model
 from tokenizer.quantize import VectorQuantizer, build_search
-from tokenizer.quantize.codebook import kmeans, window_usage
+from tokenizer.quantize.codebook import window_usage
+from tokenizer.quantize.kmeans import kmeans
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 
 from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.config import QuantizerConfig
+from tokenizer.fingerprint import weights_fingerprint
+from tokenizer.quantize.faiss_support import faiss_available
 from tokenizer.quantize.ivf import FaissIVFSearch
-from tokenizer.quantize.search import FaissSearch, TorchSearch, faiss_available
+from tokenizer.quantize.search import FaissSearch, TorchSearch
 from tokenizer.release import (
     INFERENCE_NEUTRAL_KEYS,
     read_release,
     release_fingerprint,
-    weights_fingerprint,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from tokenizer.config import QuantizerConfig
+from tokenizer.quantize.backends import build_search, search_from_config
+from tokenizer.quantize.faiss_support import faiss_available
 from tokenizer.quantize.ivf import FaissIVFSearch
-from tokenizer.quantize.search import (
-    FaissSearch,
-    SearchResult,
-    TorchSearch,
-    build_search,
-    faiss_available,
-    search_from_config,
-)
+from tokenizer.quantize.search import FaissSearch, SearchResult, TorchSearch
 
 NEEDS_FAISS = pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenizer.quantize.search import faiss_available
+from tokenizer.quantize.faiss_support import faiss_available
 
 ROOT = Path(__file__).resolve().parents[1]
 N, K, D = 65536, 262144, 8
@@ -18,7 +18,7 @@ N, K, D = 65536, 262144, 8
 SCRIPT = f"""
 import resource, sys
 import psutil, torch
-from tokenizer.quantize.search import build_search
+from tokenizer.quantize.backends import build_search
 
 g = torch.Generator().manual_seed(0)
 x = torch.randn({N}, {D}, generator=g)  # (N, D)

@@ -30,18 +30,19 @@ from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig, 
 from tokenizer.data.images.modes import as_rgb
 from tokenizer.data.images.pixels import ImageInput, as_pixel_batch
 from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor, uint8_to_model_range
+from tokenizer.fingerprint import weights_fingerprint  # (re-exported)
 from tokenizer.models import TokenizerModel, build_model
 
 # The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
 # ("top", "bottom") and encode_grids returns one entry per grid.
 from tokenizer.models.base import SINGLE_GRID  # noqa: E402  (re-exported)
 from tokenizer.quantize import search_from_config
+from tokenizer.quantize.faiss_support import faiss_available
 from tokenizer.release import (
     RELEASE_CONFIG,
     check_weights_match,
     read_release,
     release_fingerprint,
-    weights_fingerprint,
     write_release,
 )
 
@@ -49,14 +50,6 @@ from tokenizer.release import (
 EXACT_SEARCH = {"torch": "torch", "faiss": "faiss", "faiss-ivf": "faiss", "auto": "auto"}
 
 __all__ = ["SINGLE_GRID", "Tokenizer", "weights_fingerprint"]
-
-
-def _faiss_importable() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def exact_search_name(trained: str, override: str | None = None) -> str:
@@ -76,7 +69,7 @@ def exact_search_name(trained: str, override: str | None = None) -> str:
     exact = EXACT_SEARCH[trained]
     # The release's own choice is a default, not a demand: without faiss the exact torch
     # search gives the same codes. Only an explicit search="faiss" insists on faiss.
-    if exact == "faiss" and not _faiss_importable():
+    if exact == "faiss" and not faiss_available():
         return "torch"
     return exact
 

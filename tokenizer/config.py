@@ -38,6 +38,10 @@ class ModelConfig:
     res_channels: int = 64
 
 
+# The values of quantizer.search (tokenizer/quantize/backends.py builds each one).
+SEARCH_BACKENDS = ("torch", "faiss", "faiss-ivf", "auto")
+
+
 @dataclass
 class QuantizerConfig:
     codebook_size: int = 512
@@ -305,7 +309,7 @@ _RULES = [
         ((lambda v: 0 <= v < 1), "in [0, 1): a fraction of the uniform rate N/K (0: off)"),
     ),
     _rule("quantizer.restart_unused_steps", _at_least(0, " (0: off)")),
-    _rule("quantizer.search", _one_of("torch", "faiss", "faiss-ivf", "auto")),
+    _rule("quantizer.search", _one_of(*SEARCH_BACKENDS)),
     _rule("quantizer.search_chunk", _at_least(0, " (0: automatic)")),
     _rule("quantizer.ivf_nlist", _at_least(0, " (0: about 4 sqrt(K))")),
     _rule("quantizer.ivf_nprobe", _at_least(1)),

@@ -6,11 +6,12 @@ the same codebook math runs single-process in a unit test and on many ranks.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+from tokenizer.fingerprint import fingerprint_int63
 
 
 class Collective(Protocol):
@@ -75,19 +76,15 @@ class CodebookMismatchError(RuntimeError):
 
 
 def state_fingerprint(module: torch.nn.Module) -> int:
-    """A 63-bit hash of every parameter and buffer of `module` (names, dtypes, bytes).
+    """fingerprint_int63 of every parameter and buffer of `module`: the release's weight
+    hash, as a number ranks can all-gather.
 
     Parameters partitioned by ZeRO-3 (they carry `ds_id`) hold a different shard on each
     rank and are left out; gradient all-reduce keeps them in sync.
     """
-    digest = hashlib.sha256()
     tensors = {n: p for n, p in module.named_parameters() if not hasattr(p, "ds_id")}
     tensors.update(dict(module.named_buffers()))
-    for name in sorted(tensors):
-        tensor = tensors[name].detach()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") >> 1
+    return fingerprint_int63(tensors)
 
 
 def broadcast_buffers(collective: Collective, module: torch.nn.Module, src: int = 0) -> None:

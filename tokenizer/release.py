@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from tokenizer.atomic import atomic_path, write_json
+from tokenizer.fingerprint import weights_fingerprint
 
 RELEASE_CONFIG = "config.json"
 RELEASE_WEIGHTS = "model.safetensors"
@@ -70,18 +72,6 @@ class Release:
     weights_sha256: str  # weights_fingerprint(weights), checked against config.json
 
 
-def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the sorted tensor names, dtypes, shapes and bytes: the same weights
-    give the same digest on any device, whatever file they came from."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        header = f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{tuple(tensor.shape)}\n"
-        digest.update(header.encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def code_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a release config that decides the codes: all of it but the file's own
     keys and INFERENCE_NEUTRAL_KEYS."""
@@ -121,9 +111,9 @@ def write_release(
         "format_version": RELEASE_VERSION,
         "weights_sha256": weights_fingerprint(tensors),
     }
-    _write_atomically(directory / RELEASE_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
-    _write_atomically(directory / RELEASE_CONFIG, lambda tmp: tmp.write_text(text))
+    with atomic_path(directory / RELEASE_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(directory / RELEASE_CONFIG, body)
     return directory
 
 
@@ -197,23 +187,3 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"(it reads format_version {readable}){hint}"
         )
     return config
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """write(tmp) then rename tmp to path, so a reader never sees half a file. The file
-    gets the mode a new file gets here (umask, default ACLs): safetensors itself writes
-    0600 whatever the umask."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        mode = os.fstat(fd).st_mode & 0o7777
-    finally:
-        os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

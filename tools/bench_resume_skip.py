@@ -88,7 +88,7 @@ def main() -> None:
             {"__key__": f"{i:08d}", "jpg": images[i % len(images)]} for i in range(args.samples)
         )
         infos = write_shards(samples, tmp, samples_per_shard=args.per_shard)
-        shards = sorted(str(p) for p in Path(tmp).glob("*.tar"))
+        shards = [s.path for s in infos]
         total_mb = sum(os.path.getsize(p) for p in shards) / 2**20
         cut = int(args.fraction * args.samples)
         spec = StreamSpec(shards=shards, seed=0, shuffle_buffer=args.shuffle_buffer, epochs=1)

@@ -42,16 +42,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.quantize.ivf import FaissIVFSearch  # noqa: E402
-from tokenizer.quantize.search import (  # noqa: E402
-    build_search,
+from tokenizer.quantize.backends import BACKENDS, build_search  # noqa: E402
+from tokenizer.quantize.faiss_support import (  # noqa: E402
     faiss_available,
     faiss_blas_path,
     faiss_has_gpu,
     import_faiss,
 )
+from tokenizer.quantize.ivf import FaissIVFSearch  # noqa: E402
 
-BACKENDS = ("torch", "faiss", "faiss-ivf", "auto")
 MiB = 1 << 20
 
 

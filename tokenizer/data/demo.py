@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tokenizer.atomic import write_json
 from tokenizer.data.writer import brace_pattern, write_shards
 
 logger = logging.getLogger(__name__)
@@ -362,7 +363,5 @@ def build_demo_set(
         "train_shards": entries(train_info),
         "eval_shards": entries(eval_info),
     }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    write_json(out / MANIFEST, manifest)
     return result

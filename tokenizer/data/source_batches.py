@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from tokenizer.data.images.transforms import eval_crop, to_uint8_tensor
 from tokenizer.data.index.format import FailedSample, carried_fields
+from tokenizer.data.slots import current_slot
 from tokenizer.data.tars import DecodeError, decode_image, read_tar
 
 
@@ -87,7 +88,6 @@ class SourceShards(IterableDataset):
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[SourceBatch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for job in range(worker, len(self.sources), workers):
+        # The rank split is the caller's (it hands each rank its own sources).
+        for job in current_slot().take(range(len(self.sources))):
             yield from iter_shard_batches(job, self.sources[job], self.resolution, self.batch_size)

@@ -6,14 +6,16 @@ A sample is a dict with a "__key__" and one entry per file extension ("png", "tx
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import re
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from webdataset import TarWriter
+
+from tokenizer.atomic import AtomicFile, temporary_target
+from tokenizer.data.hashing import HashingWriter
 
 # A fixed member mtime makes shards byte-identical across runs with the same input.
 _MTIME = 1_700_000_000
@@ -29,33 +31,6 @@ class ShardInfo:
     sha256: str = ""  # of the whole tar, hashed as it was written
 
 
-class HashingFile:
-    """A binary file being written, hashed on the way (sha256): a checksum without
-    reading the file again."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
-        self._hash = hashlib.sha256()
-        self._size = 0
-
-    def write(self, data: bytes) -> int:
-        self._hash.update(data)
-        self._size += len(data)
-        return self._file.write(data)
-
-    def tell(self) -> int:  # tarfile asks where it starts
-        return self._size
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-
 def shard_name(index: int, prefix: str = "") -> str:
     return f"{prefix}{index:06d}.tar"
 
@@ -63,10 +38,8 @@ def shard_name(index: int, prefix: str = "") -> str:
 def is_shard_file(name: str, prefix: str = "") -> bool:
     """Whether `name` is one this writer makes: a shard, or the temporary file of one
     (left behind by a run that was killed)."""
-    shard = re.escape(prefix) + r"\d{6}\.tar"
     return (
-        re.fullmatch(shard, name) is not None
-        or re.fullmatch(rf"\.{shard}\.tmp-\d+", name) is not None
+        re.fullmatch(re.escape(prefix) + r"\d{6}\.tar", temporary_target(name) or name) is not None
     )
 
 
@@ -145,27 +118,30 @@ def _check_key(key: object, seen: set[str]) -> str:
     return key
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = _MTIME
-    info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
-
-
 class TarShardWriter:
     """Writes one shard sample by sample under a hidden temporary name; `commit()` gives it
     its real name. Only a finished shard gets its real name, so a crash never leaves a
     shard that looks complete but is not; leaving the `with` block without a commit
     removes the temporary file.
+
+    The tar is webdataset's TarWriter with every header field fixed (mtime, owner names,
+    mode), so the same samples give byte-identical shards in any run.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = HashingFile(self.tmp)
-        self._tar: tarfile.TarFile | None = tarfile.open(
-            fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT
+        self._file = AtomicFile(self.path)
+        self._hashing = HashingWriter(self._file)
+        self._tar: TarWriter | None = TarWriter(
+            self._hashing,
+            encoder=False,  # fields are bytes already; str is encoded in add()
+            keep_meta=True,  # write fields named "_x" too; "__" ones are dropped in add()
+            user="",
+            group="",
+            mode=0o444,
+            mtime=_MTIME,
+            compress=False,
+            format="PAX_FORMAT",  # long keys and non-ASCII names, which ustar cannot hold
         )
         self._seen: set[str] = set()
         self.num_samples = 0
@@ -174,6 +150,7 @@ class TarShardWriter:
     def add(self, sample: dict) -> None:
         assert self._tar is not None, "shard already committed or aborted"
         key = _check_key(sample.get("__key__"), self._seen)
+        fields: dict[str, bytes | str] = {"__key__": key}
         for ext, value in sample.items():
             if ext.startswith("__"):
                 continue
@@ -184,7 +161,8 @@ class TarShardWriter:
                     f"sample {key!r} field {ext!r}: expected bytes or str, "
                     f"got {type(value).__name__}"
                 )
-            _add_member(self._tar, f"{key}.{ext}", bytes(value))
+            fields[ext] = bytes(value)
+        self._tar.write(fields)
         self.first_key = self.first_key or key
         self.last_key = key
         self.num_samples += 1
@@ -193,23 +171,20 @@ class TarShardWriter:
         assert self._tar is not None, "shard already committed or aborted"
         self._tar.close()
         self._tar = None
-        self._file.close()
-        os.replace(self.tmp, self.path)
+        self._file.commit()
         return ShardInfo(
             path=str(self.path),
             num_samples=self.num_samples,
-            num_bytes=self.path.stat().st_size,
+            num_bytes=self._hashing.size,
             first_key=self.first_key,
             last_key=self.last_key,
-            sha256=self._file.hexdigest(),
+            sha256=self._hashing.hexdigest(),
         )
 
     def abort(self) -> None:
         if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+            self._tar = None  # its buffered end of archive is never needed
+        self._file.abort()
 
     def __enter__(self) -> TarShardWriter:
         return self

@@ -1,5 +1,6 @@
 """Vector quantization: codebook math, nearest-neighbour search, the quantizer module."""
 
+from tokenizer.quantize.backends import build_search, search_from_config
 from tokenizer.quantize.codebook import (
     EMAState,
     code_counts,
@@ -13,8 +14,6 @@ from tokenizer.quantize.search import (
     NearestNeighbourSearch,
     SearchResult,
     TorchSearch,
-    build_search,
-    search_from_config,
 )
 
 __all__ = [

@@ -9,15 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tokenizer.quantize.faiss_support import (
+    faiss_blas_path,
+    faiss_has_gpu,
+    import_faiss,
+    shared_gpu_resources,
+)
 from tokenizer.quantize.search import (
     FaissSearch,
     SearchResult,
     as_fp32,
     check_inputs,
-    faiss_blas_path,
-    faiss_has_gpu,
-    import_faiss,
-    shared_gpu_resources,
     squared_distances,
 )
 
@@ -63,7 +65,7 @@ class FaissIVFSearch:
         ]:
             if value < least:
                 raise ValueError(f"{name} must be >= {least}, got {value}")
-        self._faiss = import_faiss("faiss-ivf")
+        self._faiss = import_faiss("search backend 'faiss-ivf'")
         self.nlist = nlist
         self.nprobe = nprobe
         self.rebuild_every = rebuild_every

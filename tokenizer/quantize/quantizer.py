@@ -21,12 +21,12 @@ from tokenizer.quantize.codebook import (
     distinct_rows,
     ema_update,
     idle_codes,
-    kmeans,
     l2_normalize_rows,
     perplexity,
     sample_rows,
     window_usage,
 )
+from tokenizer.quantize.kmeans import kmeans
 from tokenizer.quantize.search import NearestNeighbourSearch, TorchSearch
 
 # k-means sees at most this many candidate vectors per code (faiss's own default cap).

@@ -1,41 +1,35 @@
-"""Nearest-neighbour search over a codebook: one interface, several backends.
+"""Nearest-neighbour search over a codebook: the interface and the exact backends.
 
 Every backend takes queries (N, d) and a codebook (K, d) and returns, per query, the
 index of the nearest code and its squared L2 distance, both computed in fp32.
 
-- "torch": exact, chunked matmul; runs wherever torch runs.
-- "faiss": exact brute force in faiss, on CPU or (with a GPU build of faiss) on CUDA.
-- "faiss-ivf": approximate, an inverted-file index over the codebook, for huge K
-  (tokenizer/quantize/ivf.py).
-- "auto": "faiss" when faiss is importable, else "torch".
+- TorchSearch ("torch"): exact, chunked matmul; runs wherever torch runs.
+- FaissSearch ("faiss"): exact brute force in faiss, on CPU or (with a GPU build of
+  faiss) on CUDA.
+
+The approximate backend is in ivf.py; backends.py builds the one a config names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from tokenizer.config import QuantizerConfig
+from tokenizer.quantize.faiss_support import (
+    faiss_blas_path,
+    faiss_has_gpu,
+    import_faiss,
+    shared_gpu_resources,
+)
 
 # A (rows, K) distance tile of about this many floats bounds the torch search's memory
 # whatever N and K are. On CPU a 16 MB tile, written and read back while still in cache,
 # measured 2-3x faster than a 256 MB one (N=16384, K from 512 to 262144, d from 8 to
 # 256, 2 cores: 336 -> 123 ms at K=16384, d=8); a GPU wants big tiles to stay busy.
 _TILE_FLOATS = {"cpu": 4 * 1024 * 1024, "cuda": 64 * 1024 * 1024}
-
-BACKENDS = ("torch", "faiss", "faiss-ivf", "auto")
-
-_FAISS_HINT = (
-    "pip install faiss-cpu (or faiss-gpu-cu12 for CUDA; from a checkout of this project: "
-    "pip install '.[faiss]' or '.[faiss-gpu]')"
-)
 
 
 @dataclass
@@ -78,73 +72,6 @@ class _Stateless:
         # A run may resume with another backend (e.g. exact after faiss-ivf): the codes
         # it finds do not depend on a previous backend's state.
         pass
-
-
-def import_faiss(backend: str) -> ModuleType:
-    """The faiss module, or an ImportError that says what to install."""
-    try:
-        import faiss
-    except ImportError as err:
-        raise ImportError(
-            f"search backend {backend!r} needs faiss, which is not installed: {_FAISS_HINT}"
-        ) from err
-    return faiss
-
-
-def faiss_available() -> bool:
-    try:
-        import_faiss("auto")
-    except ImportError:
-        return False
-    return True
-
-
-def faiss_has_gpu(faiss: ModuleType) -> bool:
-    # faiss-cpu lacks StandardGpuResources; a GPU build on a machine without GPUs has it
-    # but reports zero devices.
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-_gpu_resources: Any = None
-
-
-def shared_gpu_resources(faiss: ModuleType) -> Any:
-    """One StandardGpuResources per process: each holds its own scratch memory and streams."""
-    global _gpu_resources
-    if _gpu_resources is None:
-        # Patches faiss so that its GPU calls take torch CUDA tensors in place and run on
-        # torch's current stream; imported only here because it needs a GPU build to matter.
-        import faiss.contrib.torch_utils  # noqa: F401
-
-        _gpu_resources = faiss.StandardGpuResources()
-    return _gpu_resources
-
-
-# faiss sends a query batch through its BLAS path, which for k = 1 and small d is a fused
-# SIMD distance+argmin kernel, only when N * d >= faiss.cvar.distance_compute_blas_threshold
-# (128000 in faiss 1.15, so N >= 16000 at d = 8); smaller batches take a per-query loop.
-# Measured on 2 cores at K = 16384: for d <= 32 the BLAS path is 2-20x faster at every
-# N from 256 to 8192; from d = 64 the loop wins for small N, so larger d keeps faiss's rule.
-_BLAS_ALWAYS_MAX_DIM = 32
-
-
-@contextmanager
-def faiss_blas_path(faiss: ModuleType, dim: int) -> Iterator[None]:
-    """Within the block, faiss's CPU search takes the BLAS (fused for k = 1) path at any N.
-
-    The threshold is a process-wide C global; it is restored on exit, and it only picks
-    between two exact algorithms, so a concurrent faiss caller is never given wrong results.
-    """
-    cvar = getattr(faiss, "cvar", None)
-    if dim > _BLAS_ALWAYS_MAX_DIM or not hasattr(cvar, "distance_compute_blas_threshold"):
-        yield
-        return
-    saved = cvar.distance_compute_blas_threshold
-    cvar.distance_compute_blas_threshold = 0
-    try:
-        yield
-    finally:
-        cvar.distance_compute_blas_threshold = saved
 
 
 def check_inputs(queries: Tensor, codebook: Tensor) -> None:
@@ -241,7 +168,7 @@ class FaissSearch(_Stateless):
     """
 
     def __init__(self, chunk_size: int = 0) -> None:
-        self._faiss = import_faiss("faiss")
+        self._faiss = import_faiss("search backend 'faiss'")
         self._torch = TorchSearch(chunk_size)
 
     @torch.no_grad()
@@ -261,51 +188,3 @@ class FaissSearch(_Stateless):
             dist, idx = torch.from_numpy(dist_np), torch.from_numpy(idx_np)
         # faiss expands ||x||^2 - 2 x.e + ||e||^2 too, which can cancel below zero.
         return SearchResult(indices=idx.view(-1), distances=dist.view(-1).clamp_min_(0.0))
-
-
-def build_search(
-    name: str,
-    chunk_size: int = 0,
-    *,
-    ivf_nlist: int = 0,
-    ivf_nprobe: int = 8,
-    ivf_rebuild_every: int = 100,
-    ivf_recall_samples: int = 1024,
-) -> NearestNeighbourSearch:
-    """The search backend a config names (`quantizer.search`); options as in QuantizerConfig.
-
-    "faiss" and "faiss-ivf" raise ImportError naming the package when faiss is missing;
-    "auto" then quietly uses "torch".
-    """
-    if name == "torch":
-        return TorchSearch(chunk_size=chunk_size)
-    if name == "faiss":
-        return FaissSearch(chunk_size=chunk_size)
-    if name == "faiss-ivf":
-        # Imported here: ivf.py builds on this module's exact backends.
-        from tokenizer.quantize.ivf import FaissIVFSearch
-
-        return FaissIVFSearch(
-            nlist=ivf_nlist,
-            nprobe=ivf_nprobe,
-            rebuild_every=ivf_rebuild_every,
-            recall_samples=ivf_recall_samples,
-            chunk_size=chunk_size,
-        )
-    if name == "auto":
-        if faiss_available():
-            return FaissSearch(chunk_size=chunk_size)
-        return TorchSearch(chunk_size=chunk_size)
-    raise ValueError(f"unknown search backend {name!r}; choices: {', '.join(BACKENDS)}")
-
-
-def search_from_config(cfg: QuantizerConfig) -> NearestNeighbourSearch:
-    """build_search with every search option of a QuantizerConfig."""
-    return build_search(
-        cfg.search,
-        cfg.search_chunk,
-        ivf_nlist=cfg.ivf_nlist,
-        ivf_nprobe=cfg.ivf_nprobe,
-        ivf_rebuild_every=cfg.ivf_rebuild_every,
-        ivf_recall_samples=cfg.ivf_recall_samples,
-    )

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from tokenizer.atomic import write_json
+
 INDEX_FORMAT = "vq-tokenizer-index"
 # 2: records carry sha256 checksums and a keys digest file; version 1 folders have neither.
 INDEX_VERSION = 2
@@ -226,9 +228,8 @@ def settings_digest(tokenizer_sha256: str, preprocessing: dict, grids: list[Grid
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """An index file (record, manifest): indent 1 keeps a manifest of many shards small."""
+    write_json(path, data, indent=1)
 
 
 def record_path(index_dir: Path, shard: str) -> Path:

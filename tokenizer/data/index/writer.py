@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from tokenizer.atomic import AtomicFile, temporary_target, write_bytes
+from tokenizer.data.hashing import HashingWriter
 from tokenizer.data.index.files import packed_files
 from tokenizer.data.index.format import (
     RECORDS_DIR,
@@ -29,7 +30,7 @@ from tokenizer.data.index.format import (
     tokens_bytes,
     write_record,
 )
-from tokenizer.data.writer import HashingFile, TarShardWriter
+from tokenizer.data.writer import TarShardWriter
 
 
 class IndexShardWriter:
@@ -111,26 +112,17 @@ class IndexShardWriter:
         return files
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _save_atomic(path: Path, array: np.ndarray) -> str:
     """np.save under a temporary name, then renamed; the file's sha256."""
-    tmp = _tmp(path)
-    f = HashingFile(tmp)
-    try:
-        np.save(f, array, allow_pickle=False)  # type: ignore[arg-type]
-    finally:
-        f.close()
-    os.replace(tmp, path)
-    return f.hexdigest()
+    with AtomicFile(path) as f:
+        hashing = HashingWriter(f)
+        np.save(hashing, array, allow_pickle=False)  # type: ignore[arg-type]
+        f.commit()
+    return hashing.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> str:
-    tmp = _tmp(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -175,9 +167,15 @@ def completed_record(
 
 
 def remove_stale_temporaries(index_dir: Path) -> int:
-    """Temporary files of killed runs (hidden `.name.tmp-PID`); call before any writer starts."""
-    stale = [p for p in index_dir.glob(".*.tmp-*") if p.is_file()]
-    stale += [p for p in (index_dir / RECORDS_DIR).glob(".*.tmp-*") if p.is_file()]
+    """Temporary files of killed runs (see tokenizer/atomic.py); call before any writer
+    starts."""
+    folders = (index_dir, index_dir / RECORDS_DIR)
+    stale = [
+        p
+        for folder in folders
+        for p in folder.glob(".*")
+        if p.is_file() and temporary_target(p.name) is not None
+    ]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
