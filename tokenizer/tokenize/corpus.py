@@ -50,6 +50,7 @@ from tokenizer.data.index.format import (
 from tokenizer.data.index.sink import EncodedBatch, IndexSink
 from tokenizer.data.index.writer import completed_record, remove_stale_temporaries
 from tokenizer.data.shard_specs import check_shards_exist, resolve_shards
+from tokenizer.data.slots import reader_slot
 from tokenizer.data.source_batches import SourceBatch, SourceShards
 from tokenizer.training.engine import make_accelerator
 
@@ -301,7 +302,7 @@ def tokenize_corpus(
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
     accelerator.wait_for_everyone()
-    jobs = pending[rank::world]
+    jobs = reader_slot(rank, world).take(pending)
     skipped = len(plan.names) - len(pending)
     if main:
         earlier = f", {plan.earlier} from the existing index" if plan.earlier else ""

@@ -45,6 +45,7 @@ import torch
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from tokenizer.atomic import fsync_path, write_json
 from tokenizer.training.engine import deepspeed_fp32_weights
 
 logger = logging.getLogger("tokenizer.training.checkpoint")
@@ -181,12 +182,12 @@ def save_training_state(
             if weights is not None:
                 save_file(weights, str(tmp / part_weights_file(index)))
     rank = accelerator.process_index
-    _write_json(tmp / f"data_rank{rank}.json", data_state)
+    write_json(tmp / f"data_rank{rank}.json", data_state)
     for grid, state in (search_states or {}).items():
         if state:
             save_file(state, str(tmp / _search_file(grid, rank)))
     if accelerator.is_main_process:
-        _write_json(tmp / TRAINER_FILE, meta)
+        write_json(tmp / TRAINER_FILE, meta)
     accelerator.wait_for_everyone()
     if accelerator.is_local_main_process:
         _fsync_tree(tmp)  # once per node: what this node's ranks wrote is on disk
@@ -238,7 +239,7 @@ def _put_in_place(tmp: Path, final: Path, lineage: set[int], parent: Path | None
         shutil.rmtree(old, ignore_errors=True)  # final is complete: any .old is a leftover
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -332,23 +333,5 @@ def _fsync_tree(directory: Path) -> None:
     """fsync every file and folder under directory, the folders after their contents."""
     for folder, _, files in os.walk(directory, topdown=False):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)

@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from tokenizer.atomic import write_text
 from tokenizer.config import Config, ConfigError, to_yaml
 from tokenizer.data.shard_specs import resolve_shards
 from tokenizer.distributed import current_collective
@@ -69,7 +70,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
 
     step, data_state = 0, None
     resume_from = resolve_resume(cfg.resume, run_dir)
