@@ -5,8 +5,11 @@ r"""What a resume at 90% of an epoch costs, against reading that 90%.
 Writes shards of real JPEGs (noise images of about --kb KB each) to a temporary folder,
 then measures through the training stream itself (tokenizer.data.shard_stream):
 
-- skip: a stream resumed at `fraction` of the epoch, time to its first sample (it reads
-  the tar headers and seeks past the consumed payloads);
+- skip: a stream resumed at `fraction` of the epoch as training resumes it, with the
+  shard sizes its checkpoint holds, time to its first sample (shards consumed whole are
+  not opened; the rest of the way it reads tar headers and seeks past payloads);
+- headers: the same resume without shard sizes (a checkpoint written before they were
+  kept): every consumed header read, every consumed payload seeked past;
 - read: the same samples consumed from the start with their payloads read (what a
   resume cost before: every consumed payload was read);
 - decode: PIL decoding of those images, timed on a subset and scaled (what consuming
@@ -99,18 +102,24 @@ def main() -> None:
         started = time.perf_counter()
         stream = iter_shard_stream(spec, _payload_size, slot)
         read_bytes = 0
+        sizes: dict[int, int] = {}  # what the stream reports as it goes, as checkpointed
         for n, item in enumerate(stream):
             read_bytes += item.value or 0
+            sizes.update(item.shard_sizes)
             if n + 1 == cut:
                 break
         read_s = time.perf_counter() - started
 
-        _drop_cache(shards)
-        started = time.perf_counter()
-        resumed = iter_shard_stream(spec, _payload_size, slot, start=StreamPosition(0, cut))
-        first = next(resumed)
-        skip_s = time.perf_counter() - started
-        assert first.index == cut, (first.index, cut)
+        def resume(known: dict[int, int] | None) -> float:
+            _drop_cache(shards)
+            started = time.perf_counter()
+            start = StreamPosition(0, cut)
+            first = next(iter_shard_stream(spec, _payload_size, slot, start, shard_sizes=known))
+            assert first.index == cut, (first.index, cut)
+            return time.perf_counter() - started
+
+        headers_s = resume(None)
+        skip_s = resume(sizes)
 
         subset = min(200, cut)
         started = time.perf_counter()
@@ -120,7 +129,11 @@ def main() -> None:
 
     print(f"read   {read_s:8.3f} s  ({read_bytes / 2**20:.0f} MB of payloads, {cut} samples)")
     print(f"decode {decode_s:8.3f} s  (scaled from {subset} decodes)")
-    print(f"skip   {skip_s:8.3f} s  (resume at sample {cut}: headers read, payloads seeked past)")
+    print(f"headers {headers_s:7.3f} s  (resume at sample {cut}, no shard sizes: every header "
+          "read, payloads seeked past)")  # fmt: skip
+    print(f"skip   {skip_s:8.3f} s  (resume at sample {cut} with the {len(sizes)} shard sizes a "
+          "checkpoint holds: shards before it not opened)")  # fmt: skip
+    print(f"headers / read = {headers_s / read_s:.4f}")
     print(f"skip / read = {skip_s / read_s:.4f}   skip / decode = {skip_s / decode_s:.4f}")
 
 

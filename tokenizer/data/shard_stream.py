@@ -12,9 +12,10 @@ For epoch e of a reader (a Slot: one DataLoader worker of one rank):
   tokenizers, index-shard codes for the priors), which gets the sample's Place to seed
   any randomness from.
 
-A reader's position is therefore just (epoch, next raw index). A resumed stream reads
-the tar headers of its epoch and seeks past the payloads of the samples already
-consumed: it neither reads nor decodes them. The shuffle buffer's draws do not depend
+A reader's position is therefore just (epoch, next raw index). A resumed stream neither
+reads nor decodes the samples already consumed: it skips the shards whose sizes earlier
+items reported (StreamItem.shard_sizes, kept in the checkpoint) without opening them, and
+in the others reads the tar headers and seeks past the payloads. The shuffle buffer's draws do not depend
 on the samples, so the order that follows is the uninterrupted one.
 """
 
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from tokenizer.data.order import SHUFFLE, buffer_shuffle, mix_seed, shard_order
 from tokenizer.data.slots import Slot
-from tokenizer.data.tars import RawSample, SampleRef, slot_samples
+from tokenizer.data.slot_samples import slot_samples
+from tokenizer.data.tars import RawSample, SampleRef
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ class StreamItem(Generic[T]):
     key: str
     value: T | None  # None: a bad sample (decode refused it), or only errors to report
     skipped: int  # bad samples and tar errors charged to this item
+    # (shard index, samples) of the shards this slot finished reading since the last item:
+    # what a resume needs to skip them whole (see slot_samples).
+    shard_sizes: tuple[tuple[int, int], ...] = ()
 
 
 # decode(raw, place) -> value, or None for a bad sample (the function logs why).
@@ -119,13 +124,17 @@ def iter_shard_stream(
     slot: Slot,
     start: StreamPosition | None = None,
     report_errors: bool | None = None,
+    shard_sizes: Mapping[int, int] | None = None,
 ) -> Iterator[StreamItem[T]]:
     """The decoded samples of one slot from `start` on; see the module docstring.
 
     `report_errors`: whether this slot logs and counts broken tars; by default every
     slot does when shards are split whole, and only slot 0 when every slot reads every
-    shard (then a broken tar is counted once in all rather than once per slot)."""
+    shard (then a broken tar is counted once in all rather than once per slot).
+    `shard_sizes`: shard index -> samples, as earlier items reported them: a resume skips
+    those shards without opening them."""
     start = start or StreamPosition()
+    learned: list[tuple[int, int]] = []
     if report_errors is None:
         report_errors = len(spec.shards) >= slot.count or slot.index == 0
     errors = _TarErrors(report_errors, spec.strict)
@@ -135,7 +144,13 @@ def iter_shard_stream(
         limit = spec.limit(epoch) if spec.limit is not None else None
         buffer = spec.shuffle_buffer
         raws = slot_samples(
-            spec.shards, _order(spec, epoch), slot, errors, _lazy_until(skip, buffer)
+            spec.shards,
+            _order(spec, epoch),
+            slot,
+            errors,
+            _lazy_until(skip, buffer),
+            sizes=shard_sizes if epoch == start.epoch else None,
+            on_size=lambda j, n: learned.append((j, n)),
         )
         rng = random.Random(mix_seed(spec.seed, SHUFFLE, epoch, slot.index))
         emitted = decoded = 0
@@ -150,7 +165,9 @@ def iter_shard_stream(
             sample = raw.load() if isinstance(raw, SampleRef) else raw
             value = decode(sample, Place(epoch, slot.index, i))
             decoded += value is not None
-            yield StreamItem(epoch, i, sample.key, value, tar_errors + (value is None))
+            sizes = tuple(learned)
+            learned.clear()
+            yield StreamItem(epoch, i, sample.key, value, tar_errors + (value is None), sizes)
         if spec.epochs is not None and errors.pending:
             # A broken tar after the last sample of a finite stream still gets counted.
             yield StreamItem(epoch, i + 1, "", None, errors.take())

@@ -65,6 +65,8 @@ class ImageBatch:
     epoch: int  # epoch of the last sample in the batch
     next_index: int  # raw index (within that epoch) just past the last sample consumed
     skipped: int  # bad samples/tars skipped while building this batch
+    # (shard index, samples) of shards the stream finished reading while building it
+    shard_sizes: tuple[tuple[int, int], ...] = ()
 
 
 # --------------------------------------------------------------------------- decoding
@@ -99,9 +101,11 @@ def _batches(
     keys: list[str] = []
     texts: list[str | None] = []
     skipped = 0
+    sizes: list[tuple[int, int]] = []
     last: StreamItem[_Image] | None = None
     for item in items:
         skipped += item.skipped
+        sizes += item.shard_sizes
         if item.value is None:
             continue
         images.append(item.value.tensor)
@@ -110,12 +114,26 @@ def _batches(
         last = item
         if len(images) == batch_size:
             yield ImageBatch(
-                torch.stack(images), keys, texts, stream, item.epoch, item.index + 1, skipped
+                torch.stack(images),
+                keys,
+                texts,
+                stream,
+                item.epoch,
+                item.index + 1,
+                skipped,
+                tuple(sizes),
             )
-            images, keys, texts, skipped = [], [], [], 0
+            images, keys, texts, skipped, sizes = [], [], [], 0, []
     if keep_last and last is not None and images:
         yield ImageBatch(
-            torch.stack(images), keys, texts, stream, last.epoch, last.index + 1, skipped
+            torch.stack(images),
+            keys,
+            texts,
+            stream,
+            last.epoch,
+            last.index + 1,
+            skipped,
+            tuple(sizes),
         )
 
 
@@ -158,14 +176,17 @@ def iter_train_batches(
     random_flip: bool = True,
     start: StreamPosition | None = None,
     color_jitter: ColorJitter | None = None,
+    shard_sizes: dict[int, int] | None = None,
 ) -> Iterator[ImageBatch]:
-    """The infinite batch stream of one logical stream (worker) of one rank."""
+    """The infinite batch stream of one logical stream (worker) of one rank;
+    `shard_sizes`: what earlier batches reported, for a resume to skip whole shards."""
     spec = StreamSpec(shards, seed, shuffle_buffer=shuffle_buffer, what="image")
     items = iter_shard_stream(
         spec,
         train_decode(resolution, seed, random_flip, color_jitter),
         reader_slot(rank, world_size, stream, num_streams),
         start,
+        shard_sizes=shard_sizes,
     )
     return _batches(items, batch_size, stream, keep_last=False)
 
@@ -187,12 +208,16 @@ class StreamTracker:
         self.positions = [StreamPosition() for _ in range(num_streams)]
         self.batches_consumed = 0
         self.bad_samples = 0
+        # Shard index -> samples, as this rank's readers found them: facts about the
+        # shards, whatever epoch or reader read them, so one map serves every stream.
+        self.shard_sizes: dict[int, int] = {}
         self._layout = layout
 
     def update(self, batch: ImageBatch) -> None:
         self.positions[batch.stream] = StreamPosition(batch.epoch, batch.next_index)
         self.batches_consumed += 1
         self.bad_samples += batch.skipped
+        self.shard_sizes.update(batch.shard_sizes)
 
     @property
     def epoch(self) -> int:
@@ -205,6 +230,7 @@ class StreamTracker:
             "batches_consumed": self.batches_consumed,
             "bad_samples": self.bad_samples,
             "layout": dict(self._layout),
+            "shard_sizes": {str(j): n for j, n in sorted(self.shard_sizes.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -225,6 +251,7 @@ class StreamTracker:
             )
         if layout == self._layout and len(saved) == len(self.positions):
             self.positions = saved
+            self.shard_sizes = {int(j): int(n) for j, n in state.get("shard_sizes", {}).items()}
             return
         # Other workers, ranks, seed or shards: the saved positions mean nothing here.
         # Restart every stream at the start of the earliest saved epoch, which repeats
@@ -317,6 +344,7 @@ def make_train_loader(
         "shuffle_buffer": cfg.shuffle_buffer,
         "random_flip": cfg.random_flip,
         "color_jitter": ColorJitter(cfg.color_jitter.hue, cfg.color_jitter.saturation),
+        "shard_sizes": dict(tracker.shard_sizes),
     }
     dataset = _TrainStream(kwargs, list(tracker.positions), tracker.batches_consumed)
     extra: dict[str, Any] = {}

@@ -10,13 +10,12 @@ import io
 import os
 import tarfile
 import zlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from PIL import Image
 
 from tokenizer.data.images.modes import ImageModeError, as_rgb
-from tokenizer.data.slots import Slot
 
 # What PIL reads; make_shards stores each as it is, under its lowercased extension.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -278,44 +277,3 @@ def decode_image(sample: RawSample, resolution: int) -> Image.Image:
         raise DecodeError(f"unusable {ext} image: {err}") from None
     except Exception as err:  # PIL raises many types for corrupt data
         raise DecodeError(f"cannot decode {ext}: {type(err).__name__}: {err}") from None
-
-
-def slot_samples(
-    shards: Sequence[str],
-    order: Sequence[int],
-    slot: Slot,
-    on_error: Callable[[str], None],
-    lazy_until: int = 0,
-) -> Iterator[RawSample | SampleRef]:
-    """The raw samples one reader (slot) takes from `shards` read in `order`: whole
-    shards slot.take(order), or with fewer shards than readers every shard, keeping the
-    samples whose running index falls to this slot (the others' payloads are skipped).
-
-    The first `lazy_until` samples of this slot come as SampleRefs, their payloads not
-    read: a resumed stream skips them (or loads the few it still needs)."""
-    taken = 0
-
-    def wanted(_: int) -> bool:
-        return taken >= lazy_until
-
-    if len(shards) >= slot.count:
-        for j in slot.take(order):
-            for raw in scan_tar(shards[j], on_error, wanted):
-                taken += 1
-                yield raw
-        return
-    running = 0
-    for j in order:
-
-        def mine(n: int, base: int = running) -> bool | None:
-            return wanted(n) if slot.owns(base + n) else None
-
-        samples = scan_tar(shards[j], on_error, mine)
-        while True:
-            try:
-                raw = next(samples)
-            except StopIteration as stop:
-                running += stop.value
-                break
-            taken += 1
-            yield raw
