@@ -165,3 +165,48 @@ def test_a_two_grid_model_trains_syncs_logs_and_resumes_per_grid(tmp_path):
             torch.testing.assert_close(value, other.state_dict()[key], msg=f"{name}.{key}")
     assert straight.eval is not None and {"usage/top", "usage/bottom"} <= straight.eval.keys()
     assert (tmp_path / "straight" / "images" / "step_00000006.png").is_file()
+
+
+def test_weight_ema_is_checkpointed_resumed_and_released(tmp_path):
+    from safetensors.torch import load_file
+
+    shards = make_shards(tmp_path / "shards")
+
+    def config(run_dir):
+        return load_config(
+            write_config(
+                tmp_path,
+                shards,
+                run_dir,
+                "train.max_steps=6",
+                "checkpoint.every=3",
+                "logging.num_images=0",
+                "data.eval_shards=null",
+                "data.num_workers=0",
+                "train.ema_decay=0.8",
+            )  # fmt: skip
+        )
+
+    train(config(tmp_path / "straight"))
+    cfg = config(tmp_path / "resumed")
+    train(cfg, stop_after=3)
+    train(cfg)
+    emas = [
+        load_file(str(latest_checkpoint(tmp_path / run) / "tokenizer_ema.safetensors"))
+        for run in ("straight", "resumed")
+    ]
+    assert emas[0].keys() == emas[1].keys()
+    for key in emas[0]:
+        torch.testing.assert_close(emas[0][key], emas[1][key], rtol=1e-6, atol=1e-7)
+    raw = load_checkpoint_weights(latest_checkpoint(tmp_path / "resumed"))
+    name = "encoder.layers.0.weight" if "encoder.layers.0.weight" in raw else sorted(raw)[0]
+    assert not torch.equal(raw[name], emas[1][name])  # the average lags the weights
+
+    release = export_release(tmp_path / "resumed", tmp_path / "ema_release")
+    assert release.weights == "ema"
+    released = load_file(str(release.directory / "model.safetensors"))
+    torch.testing.assert_close(released[name], emas[1][name])
+    raw_release = export_release(tmp_path / "resumed", tmp_path / "raw_release", raw=True)
+    assert raw_release.weights == "raw"
+    torch.testing.assert_close(load_file(str(raw_release.directory / "model.safetensors"))[name],
+                               raw[name])  # fmt: skip

@@ -130,6 +130,9 @@ class TrainConfig:
     # weights or any other 1-D parameter.
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
+    # Keep an exponential moving average of the tokenizer's weights (0: off; MaskBit and
+    # Open-MAGVIT2 use 0.999 or more), checkpointed and released instead of the raw weights.
+    ema_decay: float = 0.0
     # "auto": what the launcher says (accelerate config or --mixed_precision), else "no" or "bf16".
     mixed_precision: str = "auto"
 
@@ -333,6 +336,7 @@ _RULES = [
     ),
     _rule("train.weight_decay", _at_least(0)),
     _rule("train.grad_clip", _at_least(0, " (0: no clipping)")),
+    _rule("train.ema_decay", ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (0: no weight EMA)")),
     # fp16 is not offered: it needs loss scaling, which nothing here has been tested
     # with; bf16 keeps fp32's range.
     _rule("train.mixed_precision", _one_of("auto", "no", "bf16")),

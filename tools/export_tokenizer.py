@@ -23,11 +23,16 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint", default=None, help="a checkpoint folder (default: the newest)"
     )
     parser.add_argument("--output", required=True, help="release directory to write")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="release the last step's weights even when the run kept a weight EMA",
+    )
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    out = export_release(Path(args.run), Path(args.output), checkpoint)
+    out = export_release(Path(args.run), Path(args.output), checkpoint, raw=args.raw)
     print(
-        f"wrote {out.directory} from {out.checkpoint} (step {out.step}), "
+        f"wrote {out.directory} from {out.checkpoint} (step {out.step}, {out.weights} weights), "
         f"fingerprint {out.fingerprint}"
     )
     return 0

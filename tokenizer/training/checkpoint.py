@@ -67,6 +67,18 @@ def part_weights_file(index: int) -> str:
     return WEIGHTS_FILE if index == 0 else WEIGHTS_FILE.replace(".", f"_{index}.")
 
 
+def _extra_file(name: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(("model", "search_")):
+        raise ValueError(f"extra checkpoint weights need a plain name of their own, got {name!r}")
+    return f"{name}.safetensors"
+
+
+def load_extra_weights(path: Path, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The extra weights of `names` that a checkpoint holds (absent names are left out)."""
+    found = {n: path / _extra_file(n) for n in names}
+    return {n: load_file(str(f)) for n, f in found.items() if f.is_file()}
+
+
 def _search_file(grid: str, rank: int) -> str:
     return f"search_{grid}_rank{rank}.safetensors"
 
@@ -153,13 +165,15 @@ def save_training_state(
     keep_last: int,
     search_states: dict[str, dict[str, torch.Tensor]] | None = None,
     parent: Path | None = None,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Every rank calls this at the same step; returns the final checkpoint path.
 
     parts: part name -> prepared module, in the order they were prepared; search_states:
     grid name -> this rank's search backend state; parent: the checkpoint this state
     descends from (the one resumed from, or the run's previous checkpoint); None for a
-    fresh run.
+    fresh run; extra_weights: name -> tensors the same on every rank (a weight EMA),
+    written once as `<name>.safetensors`.
     """
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
@@ -187,6 +201,8 @@ def save_training_state(
         if state:
             save_file(state, str(tmp / _search_file(grid, rank)))
     if accelerator.is_main_process:
+        for name, tensors in (extra_weights or {}).items():
+            save_file(tensors, str(tmp / _extra_file(name)))
         write_json(tmp / TRAINER_FILE, meta)
     accelerator.wait_for_everyone()
     if accelerator.is_local_main_process:

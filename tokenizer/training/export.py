@@ -11,7 +11,9 @@ from tokenizer.training.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint_weights,
+    load_extra_weights,
 )
+from tokenizer.training.weight_ema import ema_name
 
 
 @dataclass
@@ -20,9 +22,14 @@ class ExportResult:
     checkpoint: Path
     step: int
     fingerprint: str  # Tokenizer.fingerprint of the release: what index manifests record
+    weights: str  # "ema" (the weight EMA, when train.ema_decay > 0) or "raw"
 
 
-def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) -> ExportResult:
+def export_release(
+    run_dir: Path, output: Path, checkpoint: Path | None = None, raw: bool = False
+) -> ExportResult:
+    """A release of the checkpoint's tokenizer: its weight EMA when the run kept one
+    (train.ema_decay > 0), unless `raw`; the last step's weights otherwise."""
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml - is this a run directory?")
@@ -31,7 +38,17 @@ def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) 
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/")
     cfg = load_config(config_file)
     # search="torch": exporting never encodes, so it needs no faiss whatever the run used.
-    weights = load_checkpoint_weights(checkpoint)
+    use_ema = cfg.train.ema_decay > 0 and not raw
+    if use_ema:
+        found = load_extra_weights(checkpoint, [ema_name("tokenizer")])
+        if not found:
+            raise FileNotFoundError(
+                f"{checkpoint}: train.ema_decay is {cfg.train.ema_decay} but the checkpoint "
+                f"holds no {ema_name('tokenizer')}.safetensors; export the raw weights (--raw)"
+            )
+        weights = found[ema_name("tokenizer")]
+    else:
+        weights = load_checkpoint_weights(checkpoint)
     tok = Tokenizer.from_config(cfg, weights, str(checkpoint), search="torch")
     tok.save_pretrained(output)
     return ExportResult(
@@ -39,4 +56,5 @@ def export_release(run_dir: Path, output: Path, checkpoint: Path | None = None) 
         checkpoint=checkpoint,
         step=checkpoint_step(checkpoint),
         fingerprint=tok.fingerprint,
+        weights="ema" if use_ema else "raw",
     )

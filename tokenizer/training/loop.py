@@ -19,7 +19,12 @@ from tokenizer.atomic import write_text
 from tokenizer.config import Config, ConfigError, to_yaml
 from tokenizer.data.shard_specs import resolve_shards
 from tokenizer.distributed import current_collective
-from tokenizer.training.checkpoint import load_training_state, resolve_resume, save_training_state
+from tokenizer.training.checkpoint import (
+    load_extra_weights,
+    load_training_state,
+    resolve_resume,
+    save_training_state,
+)
 from tokenizer.training.codebooks import (
     attach,
     broadcast_codebooks,
@@ -80,6 +85,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         )
         step, data_state = resumed.step, resumed.data_state
         load_search_states(quantizers, resumed.search_states)
+        task.load_extra_weights(load_extra_weights(resume_from, list(task.extra_weights())))
         if data_state is None:
             logger.warning(
                 "%s has no data position for this rank: the stream restarts", resume_from
@@ -120,6 +126,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             cfg.checkpoint.keep_last,
             search_states=search_states(quantizers),
             parent=lineage_head,
+            extra_weights=task.extra_weights(),
         )
         return lineage_head
 

@@ -92,6 +92,17 @@ class TrainingTask(ABC):
         (ZeRO-3 gathers weights collectively); the main process saves."""
         return None
 
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors beside the parts' own state that a checkpoint keeps, by name (a weight
+        EMA): each is written by the main process as `<name>.safetensors`. Every rank
+        calls this; their values must be the same on every rank."""
+        return {}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        """What a resumed checkpoint holds of extra_weights()' names (absent ones missing)."""
+        if weights:
+            raise ValueError(f"this task keeps no extra weights, got {sorted(weights)}")
+
     def evaluate(self, shards: list[str], accelerator: Accelerator) -> dict[str, float] | None:
         """Held-out metrics by name; every rank calls it; None: nothing to evaluate."""
         return None

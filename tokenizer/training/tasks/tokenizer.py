@@ -18,6 +18,7 @@ from tokenizer.models import TokenizerModel, build_model
 from tokenizer.quantize import VectorQuantizer
 from tokenizer.training.optim import build_optimizer
 from tokenizer.training.task import Part, StepOutput, TrainingTask, optimizer_step
+from tokenizer.training.weight_ema import WeightEMA, ema_name
 
 logger = logging.getLogger("tokenizer.training.loop")
 
@@ -30,6 +31,7 @@ class TokenizerTask(TrainingTask):
         model = build_model(cfg)
         optimizer, scheduler = build_optimizer(model, cfg.train)
         self.tokenizer = Part(TOKENIZER, model, optimizer, scheduler)
+        self._ema: WeightEMA | None = None
 
     def parts(self) -> list[Part]:
         return [self.tokenizer]
@@ -71,6 +73,9 @@ class TokenizerTask(TrainingTask):
         terms = vqvae_loss(images, out, self.cfg.loss.reconstruction)
         self.accelerator.backward(terms.total)
         optimizer_step(self.accelerator, part, self.cfg.train.grad_clip)
+        ema = self._weight_ema()
+        if ema is not None and self.accelerator.sync_gradients:
+            ema.update(part.core)
         with torch.no_grad():
             psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
         return StepOutput(
@@ -79,6 +84,25 @@ class TokenizerTask(TrainingTask):
             code_counts={name: grid.counts for name, grid in out.grids.items()},
             num_samples=images.shape[0],
         )
+
+    def _weight_ema(self) -> WeightEMA | None:
+        """Made on first use, after prepare(): from the weights on their training device."""
+        if self._ema is None and self.cfg.train.ema_decay > 0:
+            self._ema = WeightEMA(self.tokenizer.core, self.cfg.train.ema_decay)
+        return self._ema
+
+    def extra_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        ema = self._weight_ema()
+        return {} if ema is None else {ema_name(TOKENIZER): ema.state_dict()}
+
+    def load_extra_weights(self, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+        ema = self._weight_ema()
+        if ema is None:
+            return
+        if ema_name(TOKENIZER) in weights:
+            ema.load_state_dict(weights[ema_name(TOKENIZER)])
+        else:
+            logger.warning("the checkpoint holds no weight EMA: it starts from the resumed weights")
 
     def preview(self, shards: list[str]) -> Callable[[], list[torch.Tensor]] | None:
         if not shards or not self.cfg.logging.num_images:
