@@ -493,3 +493,19 @@ def test_data_init_skips_repeated_vectors_and_jitters_a_constant_batch() -> None
     q._first_step(torch.full((20, 3), 300.0))
     assert torch.unique(q.codebook, dim=0).shape[0] == 32
     assert (q.codebook - 300.0).abs().max() < 1.0
+
+
+def test_a_non_finite_batch_leaves_the_ema_codebook_untouched() -> None:
+    from tokenizer.quantize import VectorQuantizer
+
+    torch.manual_seed(0)
+    q = VectorQuantizer(codebook_size=8, code_dim=4, ema=True)
+    q.train()
+    q(torch.randn(2, 4, 3, 3))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    z = torch.randn(2, 4, 3, 3)
+    z[0, :, 1, 1] = float("nan")
+    q(z)
+    for name in ("embed", "embed_sum", "cluster_size"):
+        torch.testing.assert_close(q.state_dict()[name], before[name], msg=name)
+    assert torch.isfinite(q.embed).all()

@@ -210,3 +210,56 @@ def test_weight_ema_is_checkpointed_resumed_and_released(tmp_path):
     assert raw_release.weights == "raw"
     torch.testing.assert_close(load_file(str(raw_release.directory / "model.safetensors"))[name],
                                raw[name])  # fmt: skip
+
+
+def _nan_at(monkeypatch, bad_calls: set[int], seen: list):
+    """vqvae_loss whose total is NaN at the given calls (1-based); records the model's
+    first weight at every call."""
+    import tokenizer.training.tasks.tokenizer as tokenizer_task
+
+    real = tokenizer_task.vqvae_loss
+
+    def loss(images, out, kind):
+        terms = real(images, out, kind)
+        seen.append(len(seen) + 1)
+        if len(seen) in bad_calls:
+            terms.total = terms.total * float("nan")
+        return terms
+
+    monkeypatch.setattr(tokenizer_task, "vqvae_loss", loss)
+
+
+def test_a_non_finite_loss_skips_its_step_and_too_many_stop_the_run(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "shards")
+    weights: list[torch.Tensor] = []
+
+    class Recording(TokenizerTask):
+        def train_step(self, batch, step):
+            weights.append(next(self.model.parameters()).detach().clone())
+            return super().train_step(batch, step)
+
+    monkeypatch.setitem(tasks._BUILDERS, "tokenizer", Recording)
+    seen: list[int] = []
+    _nan_at(monkeypatch, {3}, seen)
+    extra = ("logging.num_images=0", "data.eval_shards=null", "data.num_workers=0")
+    cfg = load_config(write_config(tmp_path, shards, tmp_path / "run", "train.max_steps=5", *extra))
+    result = train(cfg)
+    assert result.step == 5
+    rows = _rows(tmp_path / "run")
+    assert "loss" not in rows[3]  # the skipped step is left out of its log window
+    assert rows[2]["train/skipped_steps"] == 0 and rows[5]["train/skipped_steps"] == 1
+    assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in (1, 2, 4, 5))
+    torch.testing.assert_close(weights[3], weights[2])  # step 3 changed no weight
+    assert not torch.equal(weights[2], weights[1]) and not torch.equal(weights[4], weights[3])
+    assert all(torch.isfinite(t).all() for t in result.model.quantizer.state_dict().values())
+
+
+def test_more_non_finite_steps_than_allowed_stop_the_run(tmp_path, monkeypatch):
+    shards = make_shards(tmp_path / "shards")
+    _nan_at(monkeypatch, {2, 3}, [])
+    extra = ("logging.num_images=0", "data.eval_shards=null", "data.num_workers=0")
+    cfg = load_config(write_config(tmp_path, shards, tmp_path / "stops", "train.max_steps=5",
+                                   "train.max_bad_steps=1", "checkpoint.every=1", *extra))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"step 3: 2 optimiser steps skipped.*max_bad_steps=1"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "stops").name == "step_00000002"

@@ -133,6 +133,9 @@ class TrainConfig:
     # Keep an exponential moving average of the tokenizer's weights (0: off; MaskBit and
     # Open-MAGVIT2 use 0.999 or more), checkpointed and released instead of the raw weights.
     ema_decay: float = 0.0
+    # Steps skipped for a non-finite loss (on any rank) before the run stops; each is
+    # logged (train/skipped_steps). 0: stop at the first.
+    max_bad_steps: int = 20
     # "auto": what the launcher says (accelerate config or --mixed_precision), else "no" or "bf16".
     mixed_precision: str = "auto"
 
@@ -336,6 +339,7 @@ _RULES = [
     ),
     _rule("train.weight_decay", _at_least(0)),
     _rule("train.grad_clip", _at_least(0, " (0: no clipping)")),
+    _rule("train.max_bad_steps", _at_least(0)),
     _rule("train.ema_decay", ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (0: no weight EMA)")),
     # fp16 is not offered: it needs loss scaling, which nothing here has been tested
     # with; bf16 keeps fp32's range.

@@ -322,8 +322,13 @@ class VectorQuantizer(nn.Module):
         # Hits relative to the uniform rate N_global / K: the threshold then means the same
         # whatever the batch size and the number of ranks.
         share = total_counts * (self.codebook_size / total_counts.sum().clamp_min(1.0))  # (K,)
+        total_sums = None
         if self.ema:
             total_sums = self.collective.all_reduce_sum(code_sums(x, indices, self.codebook_size))
+        # A non-finite encoder output (bf16 overflow, a diverging step) would poison the
+        # codebook for good; the reduced sums are the same on every rank, so every rank
+        # leaves it untouched alike (the training step is skipped too: see training/task.py).
+        if total_sums is not None and bool(torch.isfinite(total_sums).all()):
             state = ema_update(
                 self.cluster_size,
                 self.embed_sum,

@@ -133,14 +133,21 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     for part in parts:
         part.module.train()
     last_saved: Path | None = None
+    skipped_steps = 0  # optimiser steps skipped for a non-finite loss, in this process
     while step < stop_at:
+        outputs = []
         for _ in range(cfg.train.grad_accum_steps):
             batch = next(batches)
             stream.update(batch)
             log.consumed(step + 1, batch.keys)
             with accelerator.accumulate(*(p.module for p in parts)):
-                out = task.train_step(batch, step)
-            log.window.add(out)
+                outputs.append(task.train_step(batch, step))
+        if outputs[-1].skipped:  # the same on every rank (NonFiniteGuard)
+            skipped_steps += 1
+            _check_bad_steps(cfg, step + 1, skipped_steps, lineage_head)
+        else:
+            for out in outputs:
+                log.window.add(out)
         for part in parts:
             part.scheduler.step()
         step += 1
@@ -150,6 +157,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             extra = _learning_rates(parts)
             extra.update(codebook_metrics(quantizers, cfg.logging.every))
             extra["data/bad_samples"] = accelerator.reduce(bad, reduction="sum").item()
+            extra["train/skipped_steps"] = float(skipped_steps)
             log.metrics(step, extra)
         if preview is not None and cfg.logging.image_every and step % cfg.logging.image_every == 0:
             log.preview(preview(), step)
@@ -175,6 +183,17 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     return TrainResult(
         run_dir=run_dir, step=step, checkpoint=last_saved, eval=result, model=release
     )
+
+
+def _check_bad_steps(cfg: Config, step: int, skipped: int, last_checkpoint: Path | None) -> None:
+    logger.warning("step %d: non-finite loss on some rank; step skipped (%d so far)", step, skipped)
+    if skipped > cfg.train.max_bad_steps:
+        raise RuntimeError(
+            f"step {step}: {skipped} optimiser steps skipped for non-finite losses, more "
+            f"than train.max_bad_steps={cfg.train.max_bad_steps}; the last checkpoint, "
+            f"{last_checkpoint or 'none yet'}, holds no update from a skipped step. Lower "
+            "the learning rate or the adversarial weight, or train in fp32, and resume"
+        )
 
 
 def _check_engine_fits(cfg: Config, parts: list[Part]) -> None:

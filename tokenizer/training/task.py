@@ -51,6 +51,9 @@ class StepOutput:
     per_image: dict[str, torch.Tensor] = field(default_factory=dict)
     code_counts: dict[str, torch.Tensor] = field(default_factory=dict)
     num_samples: int = 0
+    # The optimiser step this micro-step belongs to is skipped (a non-finite loss on some
+    # rank): the loop counts it and leaves the step's values out of the log window.
+    skipped: bool = False
 
 
 class TrainingTask(ABC):
@@ -114,3 +117,43 @@ def optimizer_step(accelerator: Accelerator, part: Part, grad_clip: float) -> No
         accelerator.clip_grad_norm_(part.module.parameters(), grad_clip)
     part.optimizer.step()
     part.optimizer.zero_grad(set_to_none=True)
+
+
+class NonFiniteGuard:
+    """Skips an optimiser step on every rank when a loss of any of its micro-steps is
+    non-finite on any rank (GAN onsets and bf16 are where this happens): one all-reduce
+    of a flag per micro-step, so that the ranks agree before any of them runs backward.
+
+    Under DDP (and one process) the step is skipped whole: no backward from the bad
+    micro-step on, no optimiser step, gradients zeroed. Under DeepSpeed the engine steps
+    inside backward and keeps its own accumulation count, so a bad micro-step runs
+    backward on a zero loss instead (the engine's step cannot be withheld; the other
+    micro-steps' gradients are applied)."""
+
+    def __init__(self, accelerator: Accelerator, deepspeed: bool) -> None:
+        self.accelerator, self.deepspeed = accelerator, deepspeed
+        self.bad = False
+
+    def usable(self, loss: torch.Tensor) -> bool:
+        """Whether this micro-step may run backward on `loss` (same answer on every rank)."""
+        if not self.bad:
+            flag = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+            self.bad = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return not self.bad
+
+    def backward(self, loss: torch.Tensor, part: Part, grad_clip: float) -> bool:
+        """Backward and step `part` unless the step went bad; returns whether this
+        optimiser step is being skipped. Call once per micro-step."""
+        if self.usable(loss):
+            self.accelerator.backward(loss)
+            optimizer_step(self.accelerator, part, grad_clip)
+        elif self.deepspeed:
+            trainable = [p for p in part.module.parameters() if p.requires_grad]
+            self.accelerator.backward(sum(p.sum() * 0.0 for p in trainable))
+            optimizer_step(self.accelerator, part, grad_clip)
+        elif self.accelerator.sync_gradients:
+            part.optimizer.zero_grad(set_to_none=True)
+        skipped = self.bad
+        if self.accelerator.sync_gradients:
+            self.bad = False  # the next optimiser step starts clean
+        return skipped

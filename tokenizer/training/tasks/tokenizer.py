@@ -16,8 +16,9 @@ from tokenizer.evaluation.metrics import psnr_per_image
 from tokenizer.losses.reconstruction import vqvae_loss
 from tokenizer.models import TokenizerModel, build_model
 from tokenizer.quantize import VectorQuantizer
+from tokenizer.training.engine import deepspeed_requested
 from tokenizer.training.optim import build_optimizer
-from tokenizer.training.task import Part, StepOutput, TrainingTask, optimizer_step
+from tokenizer.training.task import NonFiniteGuard, Part, StepOutput, TrainingTask
 from tokenizer.training.weight_ema import WeightEMA, ema_name
 
 logger = logging.getLogger("tokenizer.training.loop")
@@ -32,6 +33,7 @@ class TokenizerTask(TrainingTask):
         optimizer, scheduler = build_optimizer(model, cfg.train)
         self.tokenizer = Part(TOKENIZER, model, optimizer, scheduler)
         self._ema: WeightEMA | None = None
+        self.guard = NonFiniteGuard(accelerator, deepspeed_requested())
 
     def parts(self) -> list[Part]:
         return [self.tokenizer]
@@ -71,10 +73,9 @@ class TokenizerTask(TrainingTask):
         images = batch.images.to(self.accelerator.device)  # (B, 3, R, R) in [-1, 1]
         out = part.module(images)
         terms = vqvae_loss(images, out, self.cfg.loss.reconstruction)
-        self.accelerator.backward(terms.total)
-        optimizer_step(self.accelerator, part, self.cfg.train.grad_clip)
+        skipped = self.guard.backward(terms.total, part, self.cfg.train.grad_clip)
         ema = self._weight_ema()
-        if ema is not None and self.accelerator.sync_gradients:
+        if ema is not None and self.accelerator.sync_gradients and not skipped:
             ema.update(part.core)
         with torch.no_grad():
             psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
@@ -83,6 +84,7 @@ class TokenizerTask(TrainingTask):
             per_image={"psnr": psnr},
             code_counts={name: grid.counts for name, grid in out.grids.items()},
             num_samples=images.shape[0],
+            skipped=skipped,
         )
 
     def _weight_ema(self) -> WeightEMA | None:
