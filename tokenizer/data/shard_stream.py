@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from tokenizer.data.order import SHUFFLE, buffer_shuffle, mix_seed, shard_order
-from tokenizer.data.slots import Slot
 from tokenizer.data.slot_samples import slot_samples
+from tokenizer.data.slots import Slot
 from tokenizer.data.tars import RawSample, SampleRef
 
 logger = logging.getLogger(__name__)
