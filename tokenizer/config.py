@@ -141,8 +141,22 @@ class TrainConfig:
 
 
 @dataclass
+class PerceptualConfig:
+    # LPIPS (VGG16 trunk, lpips v0.1 linear heads) in the tokenizer's loss, times this
+    # weight; 0: off. Its weights are the loss's, never the model's: no release holds them.
+    weight: float = 0.0
+    # torchvision's VGG16 weights (vgg16-397923af.pth) or a .safetensors with the same
+    # `features.N.weight` / `features.N.bias` keys. Never downloaded: give the file.
+    backbone: str | None = None
+    # The lpips v0.1 VGG heads (vgg.pth, 7 KB); None: the copy that an installed
+    # torchmetrics or lpips package ships.
+    heads: str | None = None
+
+
+@dataclass
 class LossConfig:
     reconstruction: str = "mse"  # "mse" (the paper) or "l1"
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
 
 
 @dataclass
@@ -346,6 +360,7 @@ _RULES = [
     _rule("train.mixed_precision", _one_of("auto", "no", "bf16")),
     _rule("train.task", _one_of(*TASKS)),
     _rule("loss.reconstruction", _one_of("mse", "l1")),
+    _rule("loss.perceptual.weight", _at_least(0, " (0: off)")),
     _rule("logging.every", _at_least(1)),
     _rule("logging.image_every", _at_least(0, " (0: no previews)")),
     _rule("logging.num_images", _at_least(0)),
