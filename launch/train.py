@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(cfg, stop_after=args.stop_after)
+    except ConfigError as err:  # a missing weight file, a task the engine cannot run
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     except ShardSpecError as err:  # raised before any training: no traceback needed
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -263,3 +263,35 @@ def test_more_non_finite_steps_than_allowed_stop_the_run(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"step 3: 2 optimiser steps skipped.*max_bad_steps=1"):
         train(cfg)
     assert latest_checkpoint(tmp_path / "stops").name == "step_00000002"
+
+
+def test_the_perceptual_term_trains_and_stays_out_of_the_release(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from test_perceptual import _random_heads, _random_trunk
+    from training_helpers import run
+
+    shards = make_shards(tmp_path / "shards")
+    extra = ("train.max_steps=3", "logging.num_images=0", "data.eval_shards=null",
+             "data.num_workers=0", "loss.perceptual.weight=1.0")  # fmt: skip
+    torch.save(_random_heads(2), tmp_path / "heads.pth")
+    # No backbone file: refused before training, naming the key.
+    missing = write_config(tmp_path, shards, tmp_path / "missing", *extra,
+                           f"loss.perceptual.backbone={tmp_path / 'vgg16.pth'}",
+                           f"loss.perceptual.heads={tmp_path / 'heads.pth'}")  # fmt: skip
+    proc = run("launch/train.py", "--config", str(missing), check=False)
+    assert proc.returncode == 2 and "loss.perceptual.backbone" in proc.stderr, proc.stderr
+    assert not (tmp_path / "missing" / "checkpoints").exists()
+
+    save_file(_random_trunk(1), str(tmp_path / "vgg16.safetensors"))
+    cfg = load_config(write_config(tmp_path, shards, tmp_path / "run", *extra,
+                                   f"loss.perceptual.backbone={tmp_path / 'vgg16.safetensors'}",
+                                   f"loss.perceptual.heads={tmp_path / 'heads.pth'}"))  # fmt: skip
+    result = train(cfg)
+    rows = _rows(tmp_path / "run")
+    assert all(rows[s]["loss/perceptual"] > 0 for s in (1, 2, 3))
+    # The total carries the perceptual term (weight 1) beside reconstruction and VQ terms.
+    assert rows[1]["loss"] > rows[1]["loss/reconstruction"] + rows[1]["loss/perceptual"] - 1e-6
+    release = export_release(tmp_path / "run", tmp_path / "release")
+    released = load_file(str(release.directory / "model.safetensors"))
+    assert released.keys() == result.model.state_dict().keys()
+    assert not any("features" in k or k.startswith("lin") for k in released)

@@ -13,6 +13,8 @@ from tokenizer.config import Config
 from tokenizer.data.stream import ImageBatch, StreamTracker, iter_eval_batches, make_train_loader
 from tokenizer.evaluation.evaluate import evaluate_shards
 from tokenizer.evaluation.metrics import psnr_per_image
+from tokenizer.losses.perceptual import LPIPS
+from tokenizer.losses.perceptual_setup import build_perceptual
 from tokenizer.losses.reconstruction import vqvae_loss
 from tokenizer.models import TokenizerModel, build_model
 from tokenizer.quantize import VectorQuantizer
@@ -34,6 +36,11 @@ class TokenizerTask(TrainingTask):
         self.tokenizer = Part(TOKENIZER, model, optimizer, scheduler)
         self._ema: WeightEMA | None = None
         self.guard = NonFiniteGuard(accelerator, deepspeed_requested())
+        # A loss, not part of the model: frozen, never prepared, never in a checkpoint's
+        # or a release's weights. Missing weight files stop the run here, before training.
+        self.perceptual: LPIPS | None = None
+        if cfg.loss.perceptual.weight > 0:
+            self.perceptual = build_perceptual(cfg.loss.perceptual, accelerator.device)
 
     def parts(self) -> list[Part]:
         return [self.tokenizer]
@@ -73,6 +80,10 @@ class TokenizerTask(TrainingTask):
         images = batch.images.to(self.accelerator.device)  # (B, 3, R, R) in [-1, 1]
         out = part.module(images)
         terms = vqvae_loss(images, out, self.cfg.loss.reconstruction)
+        if self.perceptual is not None:
+            perceptual = self.perceptual(images, out.reconstruction).mean()
+            terms.total = terms.total + self.cfg.loss.perceptual.weight * perceptual
+            terms.terms["perceptual"] = perceptual  # unweighted, as the other terms
         skipped = self.guard.backward(terms.total, part, self.cfg.train.grad_clip)
         ema = self._weight_ema()
         if ema is not None and self.accelerator.sync_gradients and not skipped:
