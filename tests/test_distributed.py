@@ -140,3 +140,39 @@ def _fewer_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def test_average_gradients_gives_every_rank_the_mean():
+    import threading
+
+    from collective_helpers import ThreadCollective, _World
+
+    from tokenizer.distributed import average_gradients
+
+    world = _World(2)
+    modules = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        m(torch.full((4, 3), float(rank + 1))).sum().backward()
+        if rank == 1:
+            m[1].bias.grad = None  # a parameter this rank's loss did not reach
+        modules.append(m)
+    expected = {
+        n: sum(
+            (dict(m.named_parameters())[n].grad if dict(m.named_parameters())[n].grad is not None
+             else torch.zeros_like(p)) for m in modules
+        ) / 2
+        for n, p in modules[0].named_parameters()
+    }  # fmt: skip
+    threads = [
+        threading.Thread(target=average_gradients, args=(ThreadCollective(world, r), modules[r]))
+        for r in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for m in modules:
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, expected[n], msg=n)

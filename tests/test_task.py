@@ -21,7 +21,7 @@ from tokenizer.training.checkpoint import (
 )
 from tokenizer.training.export import export_release
 from tokenizer.training.loop import train
-from tokenizer.training.task import Part, StepOutput, optimizer_step
+from tokenizer.training.task import Part, StepOutput, backward, optimizer_step
 from tokenizer.training.tasks.tokenizer import TokenizerTask
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,15 @@ class CriticTask(TokenizerTask):
     """The tokenizer task plus a critic that learns to tell images from reconstructions,
     with its own optimiser and a schedule of its own (constant)."""
 
+    critic_in_engine = True
+
     def __init__(self, cfg, accelerator) -> None:
         super().__init__(cfg, accelerator)
         critic = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(1))
         critic(torch.zeros(1, 3, cfg.data.resolution, cfg.data.resolution))  # sizes the lazy layer
         optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        self.critic = Part("critic", critic, optimizer, schedule)
+        self.critic = Part("critic", critic, optimizer, schedule, engine=self.critic_in_engine)
 
     def parts(self) -> list[Part]:
         return [self.tokenizer, self.critic]
@@ -50,15 +52,19 @@ class CriticTask(TokenizerTask):
         logits = self.critic.module(torch.cat([images, fake]))  # (2B, 1)
         target = torch.cat([torch.ones(len(images), 1), torch.zeros(len(images), 1)])
         loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
-        self.accelerator.backward(loss)
+        backward(self.accelerator, self.critic, loss)
         optimizer_step(self.accelerator, self.critic, 0.0)
         out.scalars["loss/critic"] = loss.detach()
         return out
 
 
-@pytest.fixture()
-def critic_task(monkeypatch):
-    monkeypatch.setitem(tasks._BUILDERS, "tokenizer", CriticTask)
+class LocalCriticTask(CriticTask):
+    critic_in_engine = False  # kept out of the engine, as a discriminator under DeepSpeed
+
+
+@pytest.fixture(params=[CriticTask, LocalCriticTask], ids=["engine", "local"])
+def critic_task(monkeypatch, request):
+    monkeypatch.setitem(tasks._BUILDERS, "tokenizer", request.param)
 
 
 def _config(tmp_path: Path, shards, run_dir: Path):

@@ -112,3 +112,17 @@ def check_same_state(
     if differing:
         broadcast_buffers(collective, module)
     return differing
+
+
+def average_gradients(collective: Collective, module: torch.nn.Module) -> None:
+    """Replace every gradient of `module` by its mean over ranks (one all-reduce of all of
+    them, flattened), for a module trained outside DDP / DeepSpeed. A parameter without
+    a gradient on this rank counts as zero, so every rank joins the same collective."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params or collective.world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = collective.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))  # (P,)
+    flat /= collective.world_size
+    for param, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        param.grad = piece.view_as(param).clone()

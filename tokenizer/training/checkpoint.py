@@ -67,6 +67,13 @@ def part_weights_file(index: int) -> str:
     return WEIGHTS_FILE if index == 0 else WEIGHTS_FILE.replace(".", f"_{index}.")
 
 
+def _weight_files(parts: list[str], local: set[str] | frozenset[str]) -> dict[str, str]:
+    """Part name -> the file of its whole weights: Accelerate's numbering of the prepared
+    models for engine parts, `<name>.safetensors` for local ones."""
+    engine = [p for p in parts if p not in local]
+    return {p: _extra_file(p) if p in local else part_weights_file(engine.index(p)) for p in parts}
+
+
 def _extra_file(name: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(("model", "search_")):
         raise ValueError(f"extra checkpoint weights need a plain name of their own, got {name!r}")
@@ -166,10 +173,13 @@ def save_training_state(
     search_states: dict[str, dict[str, torch.Tensor]] | None = None,
     parent: Path | None = None,
     extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    local: set[str] | frozenset[str] = frozenset(),
 ) -> Path:
     """Every rank calls this at the same step; returns the final checkpoint path.
 
-    parts: part name -> prepared module, in the order they were prepared; search_states:
+    parts: part name -> module (prepared, for engine parts), in the task's order; local:
+    the names of the parts kept out of the engine (their state is in Accelerate's custom
+    objects; their weights are also written as `<name>.safetensors`); search_states:
     grid name -> this rank's search backend state; parent: the checkpoint this state
     descends from (the one resumed from, or the run's previous checkpoint); None for a
     fresh run; extra_weights: name -> tensors the same on every rank (a weight EMA),
@@ -185,13 +195,15 @@ def save_training_state(
         tmp.mkdir()
         meta = _new_meta(root, step, accelerator.num_processes, parent)
         meta["parts"] = list(parts)
+        meta["weights"] = _weight_files(list(parts), local)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed writes its own sharded format, with 16-bit module weights under
         # bf16: also keep the whole fp32 master weights (every rank takes part in the
         # gather) so a release can be exported from any checkpoint without DeepSpeed.
-        for index, engine in enumerate(parts.values()):
+        engines = [module for name, module in parts.items() if name not in local]
+        for index, engine in enumerate(engines):
             weights = deepspeed_fp32_weights(accelerator, engine)
             if weights is not None:
                 save_file(weights, str(tmp / part_weights_file(index)))
@@ -201,6 +213,9 @@ def save_training_state(
         if state:
             save_file(state, str(tmp / _search_file(grid, rank)))
     if accelerator.is_main_process:
+        for name in local:
+            state = {k: v.detach().cpu().contiguous() for k, v in parts[name].state_dict().items()}
+            save_file(state, str(tmp / _extra_file(name)))
         for name, tensors in (extra_weights or {}).items():
             save_file(tensors, str(tmp / _extra_file(name)))
         write_json(tmp / TRAINER_FILE, meta)
@@ -338,7 +353,9 @@ def load_checkpoint_weights(path: Path, part: str = "tokenizer") -> dict[str, to
     names = checkpoint_parts(path)
     if part not in names:
         raise KeyError(f"{path}: no part {part!r} in this checkpoint (parts: {names})")
-    weights_file = path / part_weights_file(names.index(part))
+    meta = json.loads((path / TRAINER_FILE).read_text())
+    files = meta.get("weights") or {p: part_weights_file(i) for i, p in enumerate(names)}
+    weights_file = path / files[part]
     if not weights_file.is_file():
         raise FileNotFoundError(f"{path}: no {weights_file.name} ({part}) in this checkpoint")
     weights = load_file(str(weights_file))

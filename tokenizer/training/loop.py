@@ -127,6 +127,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             search_states=search_states(quantizers),
             parent=lineage_head,
             extra_weights=task.extra_weights(),
+            local={p.name for p in parts if not p.engine},
         )
         return lineage_head
 
@@ -140,7 +141,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
             batch = next(batches)
             stream.update(batch)
             log.consumed(step + 1, batch.keys)
-            with accelerator.accumulate(*(p.module for p in parts)):
+            with accelerator.accumulate(*(p.module for p in parts if p.engine)):
                 outputs.append(task.train_step(batch, step))
         if outputs[-1].skipped:  # the same on every rank (NonFiniteGuard)
             skipped_steps += 1
@@ -199,23 +200,30 @@ def _check_bad_steps(cfg: Config, step: int, skipped: int, last_checkpoint: Path
 def _check_engine_fits(cfg: Config, parts: list[Part]) -> None:
     # Accelerate drives one DeepSpeed engine per Accelerator (accelerate#2496): a task
     # with several parts needs a plan of its own under DeepSpeed, not a silent misuse.
-    if deepspeed_requested() and len(parts) > 1:
+    engine = [p.name for p in parts if p.engine]
+    if deepspeed_requested() and len(engine) > 1:
         raise ConfigError(
-            f"train.task={cfg.train.task!r} trains {len(parts)} parts "
-            f"({', '.join(p.name for p in parts)}); under DeepSpeed one Accelerator drives "
-            "one engine: launch it with DDP (accelerate launch --multi_gpu)"
+            f"train.task={cfg.train.task!r} puts {len(engine)} parts in the engine "
+            f"({', '.join(engine)}); under DeepSpeed one Accelerator drives one engine: "
+            "keep the others local (Part.engine=False) or launch with DDP"
         )
 
 
 def _prepare(accelerator, parts: list[Part]) -> None:
-    """Prepare every part's module and optimiser in one call (DeepSpeed pairs them), and
-    register the schedules for checkpointing. The schedules are not passed to prepare():
-    Accelerate would step them once per process."""
-    prepared = accelerator.prepare(*(x for p in parts for x in (p.module, p.optimizer)))
+    """Prepare every engine part's module and optimiser in one call (DeepSpeed pairs
+    them), move local parts to the device, and register what Accelerate's checkpoint
+    must hold besides: every schedule (not passed to prepare(): Accelerate would step
+    them once per process) and each local part's module and optimiser, in part order."""
+    engine = [p for p in parts if p.engine]
+    prepared = accelerator.prepare(*(x for p in engine for x in (p.module, p.optimizer)))
     prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-    for i, part in enumerate(parts):
+    for i, part in enumerate(engine):
         part.module, part.optimizer = prepared[2 * i], prepared[2 * i + 1]
         part.core = accelerator.unwrap_model(part.module)
+    for part in parts:
+        if not part.engine:
+            part.module.to(accelerator.device)
+            accelerator.register_for_checkpointing(part.module, part.optimizer)
         accelerator.register_for_checkpointing(part.scheduler)
 
 

@@ -19,19 +19,26 @@ from accelerate import Accelerator
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from tokenizer.distributed import average_gradients, current_collective
 from tokenizer.quantize import VectorQuantizer
 
 
 @dataclass
 class Part:
     """One trained module with its optimiser and schedule. After `accelerator.prepare`
-    `module` and `optimizer` are the prepared (wrapped) objects; `core` stays the bare
-    module, for the forwards that must not go through a wrapper (previews, evaluation)."""
+    `module` and `optimizer` of an engine part are the prepared (wrapped) objects; `core`
+    stays the bare module, for the forwards that must not go through a wrapper (previews,
+    evaluation)."""
 
     name: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
+    # True: prepared by the Accelerator (DDP or a DeepSpeed engine). False: a small module
+    # kept out of the engine (a discriminator beside a ZeRO-sharded tokenizer: Accelerate
+    # drives one DeepSpeed engine per Accelerator): moved to the device, its gradients
+    # averaged over ranks by local_optimizer_step, checkpointed by the loop.
+    engine: bool = True
     core: nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,11 +119,36 @@ class TrainingTask(ABC):
 
 
 def optimizer_step(accelerator: Accelerator, part: Part, grad_clip: float) -> None:
-    """Clip (on the accumulation boundary only: the gradient is whole then), step, zero."""
+    """Clip (on the accumulation boundary only: the gradient is whole then), step, zero.
+    An engine part's prepared optimiser steps only on the boundary; a local part's
+    gradients are averaged over ranks there first (see Part.engine)."""
+    if not part.engine:
+        _local_optimizer_step(accelerator, part, grad_clip)
+        return
     if accelerator.sync_gradients and grad_clip > 0:
         accelerator.clip_grad_norm_(part.module.parameters(), grad_clip)
     part.optimizer.step()
     part.optimizer.zero_grad(set_to_none=True)
+
+
+def _local_optimizer_step(accelerator: Accelerator, part: Part, grad_clip: float) -> None:
+    if not accelerator.sync_gradients:
+        return  # gradients accumulate in .grad until the boundary, as DDP's no_sync does
+    average_gradients(current_collective(), part.module)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(part.module.parameters(), grad_clip)
+    part.optimizer.step()
+    part.optimizer.zero_grad(set_to_none=True)
+
+
+def backward(accelerator: Accelerator, part: Part, loss: torch.Tensor) -> None:
+    """Backward for one part's loss: through the engine for an engine part (DeepSpeed
+    steps inside its backward), plain autograd for a local part (its loss must not
+    reach the engine's parameters: detach what comes from them)."""
+    if part.engine:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
 
 
 class NonFiniteGuard:
@@ -145,9 +177,9 @@ class NonFiniteGuard:
         """Backward and step `part` unless the step went bad; returns whether this
         optimiser step is being skipped. Call once per micro-step."""
         if self.usable(loss):
-            self.accelerator.backward(loss)
+            backward(self.accelerator, part, loss)
             optimizer_step(self.accelerator, part, grad_clip)
-        elif self.deepspeed:
+        elif self.deepspeed and part.engine:
             trainable = [p for p in part.module.parameters() if p.requires_grad]
             self.accelerator.backward(sum(p.sum() * 0.0 for p in trainable))
             optimizer_step(self.accelerator, part, grad_clip)
