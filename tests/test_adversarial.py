@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer.config import AdversarialConfig, ConfigError, load_config
-from tokenizer.losses.adaptive import adaptive_weight
+from tokenizer.losses.adaptive import ConvTap, adaptive_weight, adaptive_weight_at
 from tokenizer.losses.adversarial import (
     adversarial_active,
     discriminator_loss,
@@ -178,23 +178,51 @@ def test_adaptive_weight_names_a_wrong_last_layer() -> None:
         adaptive_weight(rec, gan, unrelated)
 
 
-def test_adaptive_weight_gathers_around_the_gradient_calls() -> None:
-    gen, rec, gan = _generator_losses()
-    entered: list[torch.Tensor] = []
+def _tapped_losses(scale: float = 1.0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    gen, critic = _TinyGenerator(), nn.Conv2d(3, 1, 4, stride=2, padding=1)
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with ConvTap(gen.last) as tap, torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+        out = gen(x)
+    rec = scale * F.mse_loss(out.float(), target)
+    gan = generator_loss(critic(out.float()), "hinge")
+    return gen, tap, rec, gan
 
-    class _Gather:
-        def __init__(self, param: torch.Tensor) -> None:
-            entered.append(param)
 
-        def __enter__(self) -> None:
-            return None
+def test_adaptive_weight_from_tapped_activations_matches() -> None:
+    gen, tap, rec, gan = _tapped_losses()
+    assert tap._handle is None  # the hook is gone after the with block
+    expected = adaptive_weight(rec, gan, gen.last.weight, weight=0.8)
+    got = adaptive_weight_at(rec, gan, tap, weight=0.8)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # The rebuilt weight gradient is the conv's own.
+    (g_rec,) = torch.autograd.grad(rec, gen.last.weight, retain_graph=True)
+    (g_out,) = torch.autograd.grad(rec, tap.output, retain_graph=True)
+    torch.testing.assert_close(tap.weight_grad(g_out), g_rec)
+    # generator_terms takes either form of the last layer.
+    cfg = AdversarialConfig(weight=0.8, adaptive=True)
+    logits = tap.output.new_zeros(()) + gan.neg()  # a logit map whose hinge loss is `gan`
+    by_tap = generator_terms(logits, cfg, 0, rec_loss=rec, last_layer=tap)
+    by_weight = generator_terms(logits, cfg, 0, rec_loss=rec, last_layer=gen.last.weight)
+    assert by_tap.adaptive_weight.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert by_weight.adaptive_weight.item() == pytest.approx(expected.item(), rel=1e-5)
+    gen, tap, rec, gan = _tapped_losses(scale=1e9)
+    assert adaptive_weight_at(rec, gan, tap, weight=0.5).item() == 0.5e4
 
-        def __exit__(self, *exc: object) -> None:
-            return None
 
+def test_adaptive_weight_from_tapped_activations_under_bf16() -> None:
+    gen, tap, rec, gan = _tapped_losses(dtype=torch.bfloat16)
     expected = adaptive_weight(rec, gan, gen.last.weight)
-    assert adaptive_weight(rec, gan, gen.last.weight, gather=_Gather) == expected
-    assert entered == [gen.last.weight]
+    assert adaptive_weight_at(rec, gan, tap).item() == pytest.approx(expected.item(), rel=0.05)
+
+
+def test_conv_tap_refuses_before_a_forward_and_non_convs() -> None:
+    with pytest.raises(TypeError, match="Conv2d"):
+        ConvTap(nn.Linear(2, 2))
+    tap = ConvTap(nn.Conv2d(3, 3, 1))
+    with pytest.raises(RuntimeError, match="forward"):
+        adaptive_weight_at(torch.zeros(()), torch.zeros(()), tap)
+    tap.close()
 
 
 # --- LeCam -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tokenizer.config import GAN_LOSSES, AdversarialConfig
-from tokenizer.losses.adaptive import GatherFn, adaptive_weight
+from tokenizer.losses.adaptive import ConvTap, adaptive_weight, adaptive_weight_at
 from tokenizer.losses.lecam import LeCam
 
 
@@ -148,15 +148,14 @@ def generator_terms(
     cfg: AdversarialConfig,
     step: int,
     rec_loss: Tensor | None = None,
-    last_layer: Tensor | None = None,
-    gather: GatherFn | None = None,
+    last_layer: Tensor | ConvTap | None = None,
 ) -> GeneratorTerms:
     """The generator's term on D(fake) (B, 1, h, w), gradients flowing into the fakes.
 
     Weight: 0 before start_step (`adversarial_active`); then cfg.weight, or with
     cfg.adaptive taming's adaptive weight from `rec_loss` (the non-adversarial loss the
-    decoder answers to) and `last_layer` (the decoder's last conv weight; see
-    tokenizer/losses/adaptive.py for `gather` under ZeRO-3).
+    decoder answers to) and `last_layer`: the decoder's last conv weight, or under
+    DeepSpeed a ConvTap on that conv (tokenizer/losses/adaptive.py says why).
     """
     g_loss = generator_loss(logits_fake, cfg.loss)
     if not adversarial_active(step, cfg):
@@ -164,7 +163,10 @@ def generator_terms(
     elif cfg.adaptive:
         if rec_loss is None or last_layer is None:
             raise ValueError("loss.adversarial.adaptive needs rec_loss and last_layer")
-        weight = adaptive_weight(rec_loss, g_loss, last_layer, cfg.weight, gather)
+        if isinstance(last_layer, ConvTap):
+            weight = adaptive_weight_at(rec_loss, g_loss, last_layer, cfg.weight)
+        else:
+            weight = adaptive_weight(rec_loss, g_loss, last_layer, cfg.weight)
     else:
         weight = torch.tensor(cfg.weight, device=g_loss.device)
     return GeneratorTerms(
