@@ -140,6 +140,42 @@ class TrainConfig:
     mixed_precision: str = "auto"
 
 
+# The values of loss.adversarial.loss and loss.adversarial.disc_norm.
+GAN_LOSSES = ("hinge", "non_saturating")
+DISC_NORMS = ("batch", "group", "none")
+
+
+@dataclass
+class AdversarialConfig:
+    """The adversarial half of the VQGAN objective: a PatchGAN discriminator trained
+    against the decoder (tokenizer/nn/discriminator.py, tokenizer/losses/adversarial.py)."""
+
+    # The generator's adversarial term's weight; 0: no discriminator at all.
+    weight: float = 0.0
+    # Optimiser steps before the discriminator trains and the generator sees its term
+    # (LlamaGen and MaskBit: 20k): reconstructions must be decent first, or the GAN
+    # onset ruins them (taming#44, #93).
+    start_step: int = 0
+    loss: str = "hinge"  # "hinge" (taming, LlamaGen) or "non_saturating"
+    # taming's adaptive weight: weight x ||grad rec|| / ||grad gan|| at the decoder's last
+    # layer, recomputed every step. false: the fixed `weight` (LlamaGen, MaskBit).
+    adaptive: bool = False
+    disc_ndf: int = 64  # width of the first layer; doubled per layer, capped at 8x
+    disc_layers: int = 3  # stride-2 layers: 256 px -> 30x30 patch logits at 3
+    # "batch" (taming: per-rank batch statistics), "group" (no batch coupling) or "none".
+    disc_norm: str = "batch"
+    # LeCam regularisation (Tseng et al. 2021) of the discriminator; 0: off.
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+    # The discriminator's own AdamW. Its LR is 0 before start_step, then rises linearly
+    # over warmup_steps to lr and stays constant (taming, LlamaGen: constant): it does not
+    # follow train.lr's cosine, which would already be part-decayed when it starts.
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+
 @dataclass
 class PerceptualConfig:
     # LPIPS (VGG16 trunk, lpips v0.1 linear heads) in the tokenizer's loss, times this
@@ -157,6 +193,7 @@ class PerceptualConfig:
 class LossConfig:
     reconstruction: str = "mse"  # "mse" (the paper) or "l1"
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
 @dataclass
@@ -361,6 +398,21 @@ _RULES = [
     _rule("train.task", _one_of(*TASKS)),
     _rule("loss.reconstruction", _one_of("mse", "l1")),
     _rule("loss.perceptual.weight", _at_least(0, " (0: off)")),
+    _rule("loss.adversarial.weight", _at_least(0, " (0: off)")),
+    _rule("loss.adversarial.start_step", _at_least(0)),
+    _rule("loss.adversarial.loss", _one_of(*GAN_LOSSES)),
+    _rule("loss.adversarial.disc_ndf", _at_least(1)),
+    _rule("loss.adversarial.disc_layers", _at_least(1)),
+    _rule("loss.adversarial.disc_norm", _one_of(*DISC_NORMS)),
+    _rule("loss.adversarial.lecam_weight", _at_least(0, " (0: off)")),
+    _rule("loss.adversarial.lecam_decay", ((lambda v: 0.0 < v < 1.0), "in (0, 1)")),
+    _rule("loss.adversarial.lr", ((lambda v: v > 0), "> 0")),
+    _rule(
+        "loss.adversarial.betas",
+        ((lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v)), "two values in [0, 1)"),
+    ),
+    _rule("loss.adversarial.weight_decay", _at_least(0)),
+    _rule("loss.adversarial.warmup_steps", _at_least(0)),
     _rule("logging.every", _at_least(1)),
     _rule("logging.image_every", _at_least(0, " (0: no previews)")),
     _rule("logging.num_images", _at_least(0)),
@@ -396,6 +448,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.resolution must be divisible by the downsampling factor "
             f"2**len(model.channels) = {factor}, got {cfg.data.resolution}"
+        )
+    _check_discriminator_fits(cfg)
+
+
+def _check_discriminator_fits(cfg: Config) -> None:
+    # Each stride-2 layer halves the side (rounding down), the two stride-1 4x4 convs
+    # take 1 each: at least 3 rows must be left after the halvings for one logit.
+    adv = cfg.loss.adversarial
+    if adv.weight > 0 and cfg.data.resolution >> adv.disc_layers < 3:
+        raise ConfigError(
+            f"loss.adversarial.disc_layers must leave the discriminator at least 3x3 "
+            f"features: data.resolution / 2**disc_layers >= 3, got data.resolution = "
+            f"{cfg.data.resolution} with disc_layers = {adv.disc_layers}"
         )
 
 
