@@ -130,3 +130,11 @@ def test_a_window_starts_empty_after_a_read():
     window.add(_step_output([10.0], {"tokens": [0, 1]}, loss=3.0))
     metrics = window.read(Accelerator(cpu=True))
     assert (metrics["loss"], metrics["psnr"], metrics["codebook/usage"]) == (3.0, 10.0, 0.5)
+
+
+def test_a_scalar_reported_on_some_steps_averages_over_those():
+    window = MetricWindow(torch.device("cpu"))
+    window.add(_step_output([20.0], {"tokens": [1, 0]}, loss=1.0))  # discriminator idle
+    window.add(_step_output([20.0], {"tokens": [1, 0]}, loss=3.0, disc__loss=0.6))
+    metrics = window.read(Accelerator(cpu=True))
+    assert metrics["loss"] == 2.0 and metrics["disc/loss"] == pytest.approx(0.6)

@@ -30,14 +30,16 @@ def grid_key(grid: str, name: str) -> str:
 
 class MetricWindow:
     """Sums of what the micro-steps report (StepOutput), by name, between two log lines;
-    reduced across ranks on read. Whatever a task reports is logged: no fixed slots."""
+    reduced across ranks on read. Whatever a task reports is logged: no fixed slots.
+    A scalar is averaged over the micro-steps that report it, a per-image value over the
+    images."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.scalars: dict[str, torch.Tensor] = {}  # name -> sum over micro-steps
+        self.scalars: dict[str, torch.Tensor] = {}  # name -> (sum, count) over micro-steps
         self.per_image: dict[str, torch.Tensor] = {}  # name -> (sum, count) over images
         self.counts: dict[str, torch.Tensor] = {}  # grid -> (K,) code hits
         self.micro_steps = 0
@@ -46,7 +48,12 @@ class MetricWindow:
 
     def add(self, out: StepOutput) -> None:
         for name, value in out.scalars.items():
-            self._accumulate(self.scalars, name, value.detach().float().reshape(()))
+            # (sum, count): a term a task reports only on some steps (a discriminator idle
+            # before its start) averages over the steps that have it.
+            pair = torch.stack(
+                [value.detach().float().reshape(()), value.new_ones((), dtype=torch.float32)]
+            )
+            self._accumulate(self.scalars, name, pair.to(self.device))
         for name, values in out.per_image.items():
             pair = torch.stack([values.detach().float().sum(), torch.tensor(float(values.numel()))])
             self._accumulate(self.per_image, name, pair.to(self.device))
@@ -67,17 +74,17 @@ class MetricWindow:
             sorted(self.counts),
         )
         _check_same_names(accelerator, [*scalar_names, "|", *image_names, "|", *grids])
-        flat = [self.scalars[n].reshape(1) for n in scalar_names]
+        flat = [self.scalars[n] for n in scalar_names]
         flat += [self.per_image[n] for n in image_names]
         flat += [self.counts[g] for g in grids]
         flat.append(
             torch.tensor([self.micro_steps, self.samples], dtype=torch.float32, device=self.device)
         )
         total = accelerator.reduce(torch.cat(flat), reduction="sum")
-        micro, samples = total[-2].clamp_min(1).item(), total[-1].item()
+        samples = total[-1].item()
         values = iter(total[:-2].split([t.numel() for t in flat[:-1]]))
-        metrics = {name: (next(values) / micro).item() for name in scalar_names}
-        for name in image_names:
+        metrics = {}
+        for name in [*scalar_names, *image_names]:
             pair = next(values)
             metrics[name] = (pair[0] / pair[1].clamp_min(1)).item()
         for grid in grids:
