@@ -8,10 +8,20 @@ from accelerate import Accelerator
 
 from tokenizer.config import Config, ConfigError
 from tokenizer.training.task import TrainingTask
+from tokenizer.training.tasks.adversarial import AdversarialTask
 from tokenizer.training.tasks.tokenizer import TokenizerTask
 
+
+def _tokenizer_task(cfg: Config, accelerator: Accelerator) -> TrainingTask:
+    """The tokenizer alone, or with loss.adversarial.weight > 0 against a discriminator
+    (the VQGAN objective): one task name, as the losses are the config's choice."""
+    if cfg.loss.adversarial.weight > 0:
+        return AdversarialTask(cfg, accelerator)
+    return TokenizerTask(cfg, accelerator)
+
+
 _BUILDERS: dict[str, Callable[[Config, Accelerator], TrainingTask]] = {
-    "tokenizer": TokenizerTask,
+    "tokenizer": _tokenizer_task,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -15,8 +16,8 @@ from tokenizer.evaluation.evaluate import evaluate_shards
 from tokenizer.evaluation.metrics import psnr_per_image
 from tokenizer.losses.perceptual import LPIPS
 from tokenizer.losses.perceptual_setup import build_perceptual
-from tokenizer.losses.reconstruction import vqvae_loss
-from tokenizer.models import TokenizerModel, build_model
+from tokenizer.losses.reconstruction import LossTerms, vqvae_loss
+from tokenizer.models import TokenizerModel, TokenizerOutput, build_model
 from tokenizer.quantize import VectorQuantizer
 from tokenizer.training.engine import deepspeed_requested
 from tokenizer.training.optim import build_optimizer
@@ -26,6 +27,14 @@ from tokenizer.training.weight_ema import WeightEMA, ema_name
 logger = logging.getLogger("tokenizer.training.loop")
 
 TOKENIZER = "tokenizer"  # the part's name: checkpoints and exports refer to it
+
+
+@dataclass
+class OtherSteps:
+    """What the other parts' steps of a micro-step report (a discriminator's)."""
+
+    scalars: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: bool = False
 
 
 class TokenizerTask(TrainingTask):
@@ -78,25 +87,42 @@ class TokenizerTask(TrainingTask):
     def train_step(self, batch: ImageBatch, step: int) -> StepOutput:
         part = self.tokenizer
         images = batch.images.to(self.accelerator.device)  # (B, 3, R, R) in [-1, 1]
-        out = part.module(images)
+        out = self.forward(images)
+        terms = self.losses(images, out, step)
+        skipped = self.guard.backward(terms.total, part, self.cfg.train.grad_clip)
+        ema = self._weight_ema()
+        if ema is not None and self.accelerator.sync_gradients and not skipped:
+            ema.update(part.core)
+        scalars = {"loss": terms.total, **{f"loss/{k}": v for k, v in terms.terms.items()}}
+        others = self.after_tokenizer_step(images, out, step)
+        with torch.no_grad():
+            psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
+        return StepOutput(
+            scalars={**scalars, **others.scalars},
+            per_image={"psnr": psnr},
+            code_counts={name: grid.counts for name, grid in out.grids.items()},
+            num_samples=images.shape[0],
+            skipped=skipped or others.skipped,
+        )
+
+    def forward(self, images: torch.Tensor) -> TokenizerOutput:
+        """The tokenizer's training forward (a subclass may watch a layer through it)."""
+        return self.tokenizer.module(images)
+
+    def losses(self, images: torch.Tensor, out: TokenizerOutput, step: int) -> LossTerms:
+        """Reconstruction + VQ terms (+ the perceptual term): what the tokenizer minimises."""
         terms = vqvae_loss(images, out, self.cfg.loss.reconstruction)
         if self.perceptual is not None:
             perceptual = self.perceptual(images, out.reconstruction).mean()
             terms.total = terms.total + self.cfg.loss.perceptual.weight * perceptual
             terms.terms["perceptual"] = perceptual  # unweighted, as the other terms
-        skipped = self.guard.backward(terms.total, part, self.cfg.train.grad_clip)
-        ema = self._weight_ema()
-        if ema is not None and self.accelerator.sync_gradients and not skipped:
-            ema.update(part.core)
-        with torch.no_grad():
-            psnr = psnr_per_image(images, out.reconstruction.detach())  # (B,)
-        return StepOutput(
-            scalars={"loss": terms.total, **{f"loss/{k}": v for k, v in terms.terms.items()}},
-            per_image={"psnr": psnr},
-            code_counts={name: grid.counts for name, grid in out.grids.items()},
-            num_samples=images.shape[0],
-            skipped=skipped,
-        )
+        return terms
+
+    def after_tokenizer_step(
+        self, images: torch.Tensor, out: TokenizerOutput, step: int
+    ) -> OtherSteps:
+        """What other parts train on this micro-step, after the tokenizer's step."""
+        return OtherSteps()
 
     def _weight_ema(self) -> WeightEMA | None:
         """Made on first use, after prepare(): from the weights on their training device."""
