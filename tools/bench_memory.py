@@ -6,9 +6,9 @@
 
 A step is what the tokenizer task does: forward, MSE + the quantizer's VQ terms
 (tokenizer.losses.reconstruction.vqvae_loss), backward, AdamW. Every (resolution,
-checkpointing) pair runs in a fresh process, so each peak is its own; each runs --steps
-steps and reports the last (the first also allocates the gradients and AdamW's state).
-Attention sits in the coarsest level at every resolution (as in LlamaGen VQ-16 at
+checkpointing) pair runs in a fresh process, so each peak is its own: --steps - 1 timed
+steps (the first a warm-up that also allocates the gradients and AdamW's state), then
+one step measured for memory. Attention sits in the coarsest level at every resolution (as in LlamaGen VQ-16 at
 256 px), so the network is the same at all of them.
 
 Columns, per image of the batch where it says so:
@@ -17,14 +17,17 @@ Columns, per image of the batch where it says so:
   torch.cuda.max_memory_allocated above memory_allocated);
 - activations: memory the forward keeps for the backward (live at the end of the forward
   above before it), the part checkpointing shrinks;
-- s/img: the step's wall time over the batch size.
-The last lines give checkpointed / plain for activations and step peak per resolution.
+- s/img: the median timed step after the warm-up (the warm-up itself with --steps 2),
+  over the batch size; timed under the default allocator, since unmapping every big
+  block on free makes steps about 3x slower on CPU.
+The last lines give checkpointed / plain for activations, step peak and time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +43,7 @@ from tokenizer.cli.memory import (  # noqa: E402
     MiB,
     peak_rss_bytes,
     prepare_cpu_memory_tracking,
+    release_freed_memory,
     reset_peak_rss,
     rss_bytes,
 )
@@ -56,8 +60,12 @@ class Measurement:
     parameters: int
     step_peak_mib: float  # above the memory live before the step
     activations_mib: float  # kept by the forward for the backward
-    seconds_per_image: float
-    first_step_peak_mib: float  # the first step also allocates grads and AdamW state
+    seconds_per_image: float  # median over the timed steps after the first
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class _Memory:
@@ -65,28 +73,26 @@ class _Memory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        if device.type == "cpu" and not prepare_cpu_memory_tracking():
-            raise SystemExit("peak RSS needs Linux (/proc/self/clear_refs)")
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if device.type == "cpu":
+            if not prepare_cpu_memory_tracking():
+                raise SystemExit("peak RSS needs Linux (/proc/self/clear_refs)")
+            release_freed_memory()  # what the timed steps freed leaves the RSS
 
     def live(self) -> int:
-        self.sync()
+        _sync(self.device)
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
         return rss_bytes()
 
     def reset_peak(self) -> None:
-        self.sync()
+        _sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             reset_peak_rss()
 
     def peak(self) -> int:
-        self.sync()
+        _sync(self.device)
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         return peak_rss_bytes()
@@ -95,7 +101,6 @@ class _Memory:
 def measure(args: argparse.Namespace) -> Measurement:
     """One (resolution, checkpointing) configuration, in this process."""
     device = torch.device(args.device)
-    memory = _Memory(device)
     f = 2 ** (len(args.ch_mult) - 1)
     cfg = load_config(
         overrides=[
@@ -117,31 +122,42 @@ def measure(args: argparse.Namespace) -> Measurement:
     images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
-    peaks, activations, seconds = [], [], []
-    for _ in range(args.steps):
+    def forward() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        before = memory.live()
-        memory.reset_peak()
-        start = time.perf_counter()
         with autocast:
-            out = model(images)
-            terms = vqvae_loss(images, out, "mse")
-        activations.append(memory.live() - before)
-        terms.total.backward()
+            return vqvae_loss(images, model(images), "mse").total
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
         optimizer.step()
-        del out, terms
-        memory.sync()
+
+    # Timed steps first, under the default allocator: the unmap-on-free setting that makes
+    # the RSS exact costs page faults on every big allocation (3x slower steps here).
+    seconds = []
+    for _ in range(args.steps - 1):
+        _sync(device)
+        start = time.perf_counter()
+        backward(forward())
+        _sync(device)
         seconds.append(time.perf_counter() - start)
-        peaks.append(memory.peak() - before)
+
+    # Then one step for memory (its time is not counted).
+    memory = _Memory(device)
+    before = memory.live()
+    memory.reset_peak()
+    loss = forward()
+    activations = memory.live() - before
+    backward(loss)
+    del loss
+    peak = memory.peak() - before
     return Measurement(
         resolution=args.resolution,
         checkpointing=args.checkpointing,
         batch=args.batch,
         parameters=sum(p.numel() for p in model.parameters()),
-        step_peak_mib=peaks[-1] / MiB,
-        activations_mib=activations[-1] / MiB,
-        seconds_per_image=seconds[-1] / args.batch,
-        first_step_peak_mib=peaks[0] / MiB,
+        step_peak_mib=peak / MiB,
+        activations_mib=activations / MiB,
+        seconds_per_image=statistics.median(seconds[1:] or seconds) / args.batch,
     )
 
 
@@ -176,8 +192,7 @@ def _row(m: Measurement) -> str:
     mode = "checkpointed" if m.checkpointing else "plain"
     return (
         f"{m.resolution:>6} {mode:>13} {m.step_peak_mib:>12.0f} {m.activations_mib:>12.0f} "
-        f"{m.step_peak_mib / m.batch:>11.0f} {m.seconds_per_image:>8.2f} "
-        f"{m.first_step_peak_mib:>12.0f}"
+        f"{m.step_peak_mib / m.batch:>11.0f} {m.seconds_per_image:>8.2f}"
     )
 
 
@@ -192,7 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--codebook-size", type=int, default=16384)
     parser.add_argument("--code-dim", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="steps per configuration (>= 1)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="steps per configuration (>= 2): a warm-up, timed ones, one measured for memory",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument(
@@ -201,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
+    if args.steps < 2:
+        parser.error("--steps must be >= 2")
 
     if args.child:
         args.resolution = args.resolutions[0]
@@ -212,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ch={args.ch} ch_mult={args.ch_mult} num_res_blocks={args.num_res_blocks} "
         f"K={args.codebook_size} d={args.code_dim} batch={args.batch} device={args.device} "
-        f"{args.precision}; the last of {args.steps} steps (MiB)"
+        f"{args.precision}; {args.steps} steps per configuration (memory in MiB)"
     )
     print(
         f"{'px':>6} {'mode':>13} {'step peak':>12} {'activations':>12} {'peak/img':>11} "
-        f"{'s/img':>8} {'first peak':>12}"
+        f"{'s/img':>8}"
     )
     results: dict[tuple[int, bool], Measurement] = {}
     for resolution in args.resolutions:

@@ -44,3 +44,12 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return status_kib("VmHWM") * 1024
+
+
+def release_freed_memory() -> None:
+    """Hand memory glibc keeps after frees back to the OS (malloc_trim), so that the RSS
+    is what is live; a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
