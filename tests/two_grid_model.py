@@ -95,8 +95,9 @@ register_arch(ARCH, TwoGridModel.from_config)
 
 
 def two_grid_config(codebook_size: int = 16, resolution: int = 16) -> Config:
-    # Three entries in model.channels: the config's divisibility check (2 ** 3 = 8)
-    # then matches the coarsest grid; only channels[0] sets a width here.
+    # Three entries in model.channels (2 ** 3 = 8, the coarsest grid's factor, as a VQ-VAE
+    # would read them; this arch registers no config rules of its own); only channels[0]
+    # sets a width here.
     return load_config(
         overrides=[
             f"model.arch={ARCH}",

@@ -36,6 +36,7 @@ from tokenizer.models import TokenizerModel, build_model
 # The grid name of single-grid models; a hierarchical model (VQ-VAE-2) names its grids
 # ("top", "bottom") and encode_grids returns one entry per grid.
 from tokenizer.models.base import SINGLE_GRID  # noqa: E402  (re-exported)
+from tokenizer.models.registry import release_model_config
 from tokenizer.quantize import search_from_config
 from tokenizer.quantize.faiss_support import faiss_available
 from tokenizer.release import (
@@ -156,7 +157,9 @@ class Tokenizer:
     def release_config(self) -> dict[str, Any]:
         """The release's config.json body (index manifests embed it)."""
         return {
-            "model": asdict(self.config.model),
+            # The keys its architecture reads (models/registry.py): a VQ-VAE release, its
+            # fingerprint with it, stays as it was when keys for other models were added.
+            "model": release_model_config(self.config.model),
             "quantizer": asdict(self.config.quantizer),
             # Preprocessing the tokenizer was trained with, for tools that feed it images.
             "data": {"resolution": self.config.data.resolution},

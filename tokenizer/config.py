@@ -28,14 +28,35 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    # "vqvae" (the paper's network: channels, res_channels) or "vqgan" (taming / LlamaGen:
+    # ch, ch_mult, attn_resolutions, z_channels, dropout); num_res_blocks serves both.
     arch: str = "vqvae"
     in_channels: int = 3
-    # One entry per stride-2 downsampling: the encoder's widths, mirrored by the decoder.
-    # The downsampling factor is 2 ** len(channels).
+    # vqvae: one entry per stride-2 downsampling: the encoder's widths, mirrored by the
+    # decoder. The downsampling factor is 2 ** len(channels).
     channels: list[int] = field(default_factory=lambda: [128, 256])
+    # Residual blocks per stage (vqvae) or per resolution level (vqgan; its decoder has
+    # one more per level, as in taming).
     num_res_blocks: int = 2
-    # Width inside each residual block (ReLU, 3x3 conv, ReLU, 1x1 conv).
+    # vqvae: width inside each residual block (ReLU, 3x3 conv, ReLU, 1x1 conv).
     res_channels: int = 64
+    # vqgan (defaults: LlamaGen VQ-16 = taming's f16 VQGAN): base width `ch`, one level of
+    # width ch * mult per entry of ch_mult, a stride-2 downsampling between levels, so the
+    # downsampling factor is 2 ** (len(ch_mult) - 1); LlamaGen VQ-8 is [1, 2, 2, 4].
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    # Feature resolutions, at data.resolution pixels in, whose levels add self-attention
+    # after each residual block (the mid block always attends). [16] at 256 px attends in
+    # the coarsest f16 level, as LlamaGen VQ-16 does; the levels are fixed when the model
+    # is built, so a change of data.resolution must move these with it.
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    # Encoder output / decoder input width, around the 1x1 convs to quantizer.code_dim.
+    z_channels: int = 256
+    dropout: float = 0.0
+    # vqgan: recompute each level's activations in the backward pass instead of keeping
+    # them (less memory at 512-1024 px, about one more forward of compute). Training only;
+    # never around the quantizer, whose EMA update and collectives must run once a step.
+    grad_checkpointing: bool = False
 
 
 # The values of quantizer.search (tokenizer/quantize/backends.py builds each one).
@@ -353,6 +374,17 @@ _RULES = [
     ),
     _rule("model.num_res_blocks", _at_least(0)),
     _rule("model.res_channels", _at_least(1)),
+    _rule("model.ch", _at_least(1)),
+    _rule(
+        "model.ch_mult",
+        ((lambda v: len(v) >= 1 and min(v) >= 1), "a non-empty list of multipliers >= 1"),
+    ),
+    _rule(
+        "model.attn_resolutions",
+        ((lambda v: all(r >= 1 for r in v)), "a list of feature resolutions >= 1"),
+    ),
+    _rule("model.z_channels", _at_least(1)),
+    _rule("model.dropout", ((lambda v: 0.0 <= v < 1.0), "in [0, 1)")),
     _rule("quantizer.codebook_size", _at_least(1)),
     _rule("quantizer.code_dim", _at_least(1)),
     _rule("quantizer.lookup_dim", _at_least(0, " (0: no projection)")),
@@ -438,17 +470,13 @@ def validate(cfg: Config) -> None:
         value = _get(cfg, rule.key)
         if not rule.ok(value):
             raise ConfigError(f"{rule.key} must be {rule.requirement}, got {value!r}")
-    # Architectures register themselves (models/registry.py), so the choices are known
-    # only at run time; imported here because the models import this module.
-    from tokenizer.models.registry import check_arch
+    # Architectures register themselves (models/registry.py), so the choices and their
+    # own rules (the downsampling factor data.resolution must be divisible by, which keys
+    # they read) are known only at run time; imported here because the models import
+    # this module.
+    from tokenizer.models.registry import check_arch_config
 
-    check_arch(cfg.model.arch)
-    factor = 2 ** len(cfg.model.channels)
-    if cfg.data.resolution % factor:
-        raise ConfigError(
-            f"data.resolution must be divisible by the downsampling factor "
-            f"2**len(model.channels) = {factor}, got {cfg.data.resolution}"
-        )
+    check_arch_config(cfg)
     _check_discriminator_fits(cfg)
 
 

@@ -28,7 +28,6 @@ GPU scratch memory.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import statistics
@@ -42,6 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenizer.cli.memory import (  # noqa: E402
+    MiB,
+    peak_rss_bytes,
+    prepare_cpu_memory_tracking,
+    reset_peak_rss,
+    rss_bytes,
+)
 from tokenizer.quantize.backends import BACKENDS, build_search  # noqa: E402
 from tokenizer.quantize.faiss_support import (  # noqa: E402
     faiss_available,
@@ -50,9 +56,6 @@ from tokenizer.quantize.faiss_support import (  # noqa: E402
     import_faiss,
 )
 from tokenizer.quantize.ivf import FaissIVFSearch  # noqa: E402
-
-MiB = 1 << 20
-
 
 # --- measurement ------------------------------------------------------------------------
 
@@ -70,28 +73,6 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _prepare_cpu_memory_tracking() -> bool:
-    """True when the peak RSS can be reset (Linux); also makes glibc return big frees."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MiB)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmap'd, unmapped on free
-        libc.mallopt(-1, MiB)  # M_TRIM_THRESHOLD: trim the heap top beyond 1 MiB
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _status_kib("VmHWM")
-    except OSError:
-        return False
-    return True
-
-
 def _peak_extra_bytes(fn: Callable[[], object], device: torch.device, cpu_ok: bool) -> float:
     """Peak memory one call adds on top of what was live before it (NaN if unmeasurable)."""
     if device.type == "cuda":
@@ -103,11 +84,10 @@ def _peak_extra_bytes(fn: Callable[[], object], device: torch.device, cpu_ok: bo
         return float(torch.cuda.max_memory_allocated(device) - before)
     if not cpu_ok:
         return math.nan
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
+    reset_peak_rss()
+    before = rss_bytes()
     fn()
-    return float(_status_kib("VmHWM") - before) * 1024
+    return float(peak_rss_bytes() - before)
 
 
 def _load() -> str:
@@ -282,7 +262,7 @@ def main() -> None:
     parser.add_argument("--ivf-min-k", type=int, default=16384)
     args = parser.parse_args()
     device = torch.device(args.device)
-    args.cpu_memory = device.type == "cpu" and _prepare_cpu_memory_tracking()
+    args.cpu_memory = device.type == "cpu" and prepare_cpu_memory_tracking()
 
     print(f"device {device}; torch {torch.__version__}, {torch.get_num_threads()} threads", end="")
     if faiss_available():

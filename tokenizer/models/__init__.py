@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from tokenizer.models.base import SINGLE_GRID, TokenizerModel, TokenizerOutput
 from tokenizer.models.registry import arch_names, build_model, register_arch
+from tokenizer.models.vqgan import VQGAN
 from tokenizer.models.vqvae import VQVAE
 
 # One line per architecture.
-register_arch("vqvae", VQVAE.from_config)
+register_arch("vqvae", VQVAE.from_config, check=VQVAE.check_config, release_keys=VQVAE.RELEASE_KEYS)
+register_arch("vqgan", VQGAN.from_config, check=VQGAN.check_config, release_keys=VQGAN.RELEASE_KEYS)
 
 __all__ = [
     "SINGLE_GRID",
+    "VQGAN",
     "VQVAE",
     "TokenizerModel",
     "TokenizerOutput",

@@ -7,8 +7,9 @@ from torch import Tensor, nn
 
 from tokenizer.config import Config, ModelConfig, QuantizerConfig
 from tokenizer.models.base import SINGLE_GRID, TokenizerOutput
+from tokenizer.models.rules import refuse_grad_checkpointing, require_divisible_resolution
 from tokenizer.nn.paper import Decoder, Encoder
-from tokenizer.quantize import QuantizerOutput, VectorQuantizer, search_from_config
+from tokenizer.quantize import QuantizerOutput, VectorQuantizer, quantizer_from_config
 
 
 class VQVAE(nn.Module):
@@ -22,21 +23,7 @@ class VQVAE(nn.Module):
             res_channels=model.res_channels,
             code_dim=quantizer.code_dim,
         )
-        self.quantizer = VectorQuantizer(
-            codebook_size=quantizer.codebook_size,
-            code_dim=quantizer.code_dim,
-            beta=quantizer.beta,
-            ema=quantizer.ema,
-            ema_decay=quantizer.ema_decay,
-            ema_epsilon=quantizer.ema_epsilon,
-            init=quantizer.init,
-            restart_threshold=quantizer.restart_threshold,
-            restart_unused_steps=quantizer.restart_unused_steps,
-            lookup_dim=quantizer.lookup_dim,
-            l2_normalize=quantizer.l2_normalize,
-            kmeans_iters=quantizer.kmeans_iters,
-            search=search_from_config(quantizer),
-        )
+        self.quantizer = quantizer_from_config(quantizer)
         self.decoder = Decoder(
             in_channels=model.in_channels,
             channels=list(model.channels),
@@ -45,9 +32,19 @@ class VQVAE(nn.Module):
             code_dim=quantizer.code_dim,
         )
 
+    # The model.* keys a VQ-VAE reads: what its releases record.
+    RELEASE_KEYS = ("arch", "in_channels", "channels", "num_res_blocks", "res_channels")
+
     @classmethod
     def from_config(cls, cfg: Config) -> VQVAE:
         return cls(cfg.model, cfg.quantizer)
+
+    @staticmethod
+    def check_config(cfg: Config) -> None:
+        """ConfigError for what a VQ-VAE cannot build or honour."""
+        factor = 2 ** len(cfg.model.channels)
+        require_divisible_resolution(cfg, factor, "2**len(model.channels)")
+        refuse_grad_checkpointing(cfg)
 
     @property
     def downsample_factor(self) -> int:

@@ -9,6 +9,7 @@ from tokenizer.quantize.codebook import (
     perplexity,
     usage,
 )
+from tokenizer.quantize.from_config import quantizer_from_config
 from tokenizer.quantize.quantizer import QuantizerOutput, VectorQuantizer
 from tokenizer.quantize.search import (
     NearestNeighbourSearch,
@@ -24,6 +25,7 @@ __all__ = [
     "TorchSearch",
     "VectorQuantizer",
     "build_search",
+    "quantizer_from_config",
     "search_from_config",
     "code_counts",
     "code_sums",

@@ -1,0 +1,264 @@
+"""Memory and time of one tokenizer training step, with and without gradient checkpointing.
+
+    python tools/bench_memory.py                                   # LlamaGen VQ-16 widths
+    python tools/bench_memory.py --ch 16 --ch-mult 1 1 2 2 4 --resolutions 256 512 1024
+    python tools/bench_memory.py --device cuda --batch 8 --precision bf16
+
+A step is what the tokenizer task does: forward, MSE + the quantizer's VQ terms
+(tokenizer.losses.reconstruction.vqvae_loss), backward, AdamW. Every (resolution,
+checkpointing) pair runs in a fresh process, so each peak is its own: --steps - 1 timed
+steps (the first a warm-up that also allocates the gradients and AdamW's state), then
+one step measured for memory. Attention sits in the coarsest level at every resolution (as in LlamaGen VQ-16 at
+256 px), so the network is the same at all of them.
+
+Columns, per image of the batch where it says so:
+- step peak: peak memory during the step above what was live before it (CPU: the growth
+  of the process's peak RSS, glibc told to unmap big blocks on free; CUDA:
+  torch.cuda.max_memory_allocated above memory_allocated);
+- activations: memory the forward keeps for the backward (live at the end of the forward
+  above before it), the part checkpointing shrinks;
+- s/img: the median timed step after the warm-up (the warm-up itself with --steps 2),
+  over the batch size; timed under the default allocator, since unmapping every big
+  block on free makes steps about 3x slower on CPU.
+The last lines give checkpointed / plain for activations, step peak and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tokenizer.cli.memory import (  # noqa: E402
+    MiB,
+    peak_rss_bytes,
+    prepare_cpu_memory_tracking,
+    release_freed_memory,
+    reset_peak_rss,
+    rss_bytes,
+)
+from tokenizer.config import load_config  # noqa: E402
+from tokenizer.losses.reconstruction import vqvae_loss  # noqa: E402
+from tokenizer.models import build_model  # noqa: E402
+
+
+@dataclass
+class Measurement:
+    resolution: int
+    checkpointing: bool
+    batch: int
+    parameters: int
+    step_peak_mib: float  # above the memory live before the step
+    activations_mib: float  # kept by the forward for the backward
+    seconds_per_image: float  # median over the timed steps after the first
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Memory:
+    """Live and peak memory of the device: CUDA's allocator, else the process RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cpu":
+            if not prepare_cpu_memory_tracking():
+                raise SystemExit("peak RSS needs Linux (/proc/self/clear_refs)")
+            release_freed_memory()  # what the timed steps freed leaves the RSS
+
+    def live(self) -> int:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return rss_bytes()
+
+    def reset_peak(self) -> None:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()
+
+    def peak(self) -> int:
+        _sync(self.device)
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return peak_rss_bytes()
+
+
+def measure(args: argparse.Namespace) -> Measurement:
+    """One (resolution, checkpointing) configuration, in this process."""
+    device = torch.device(args.device)
+    f = 2 ** (len(args.ch_mult) - 1)
+    cfg = load_config(
+        overrides=[
+            "model.arch=vqgan",
+            f"model.ch={args.ch}",
+            f"model.ch_mult=[{','.join(map(str, args.ch_mult))}]",
+            f"model.num_res_blocks={args.num_res_blocks}",
+            f"model.attn_resolutions=[{args.resolution // f}]",
+            f"model.grad_checkpointing={str(args.checkpointing).lower()}",
+            f"quantizer.codebook_size={args.codebook_size}",
+            f"quantizer.code_dim={args.code_dim}",
+            "quantizer.l2_normalize=true",
+            f"data.resolution={args.resolution}",
+        ]
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
+
+    def forward() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            return vqvae_loss(images, model(images), "mse").total
+
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+
+    # Timed steps first, under the default allocator: the unmap-on-free setting that makes
+    # the RSS exact costs page faults on every big allocation (3x slower steps here).
+    seconds = []
+    for _ in range(args.steps - 1):
+        _sync(device)
+        start = time.perf_counter()
+        backward(forward())
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+
+    # Then one step for memory (its time is not counted).
+    memory = _Memory(device)
+    before = memory.live()
+    memory.reset_peak()
+    loss = forward()
+    activations = memory.live() - before
+    backward(loss)
+    del loss
+    peak = memory.peak() - before
+    return Measurement(
+        resolution=args.resolution,
+        checkpointing=args.checkpointing,
+        batch=args.batch,
+        parameters=sum(p.numel() for p in model.parameters()),
+        step_peak_mib=peak / MiB,
+        activations_mib=activations / MiB,
+        seconds_per_image=statistics.median(seconds[1:] or seconds) / args.batch,
+    )
+
+
+def _child_command(args: argparse.Namespace, resolution: int, checkpointing: bool) -> list[str]:
+    command = [sys.executable, __file__, "--child", "--resolutions", str(resolution)]
+    command += ["--ch", str(args.ch), "--ch-mult", *map(str, args.ch_mult)]
+    command += ["--num-res-blocks", str(args.num_res_blocks), "--batch", str(args.batch)]
+    command += ["--codebook-size", str(args.codebook_size), "--code-dim", str(args.code_dim)]
+    command += ["--steps", str(args.steps), "--device", args.device]
+    command += ["--precision", args.precision]
+    return command + (["--checkpointing"] if checkpointing else [])
+
+
+def _run_child(args: argparse.Namespace, resolution: int, checkpointing: bool) -> Measurement | str:
+    try:
+        done = subprocess.run(
+            _child_command(args, resolution, checkpointing),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout or None,
+        )
+    except subprocess.TimeoutExpired:
+        return f"over --timeout {args.timeout} s"
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return f"failed: {tail}"
+    return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _row(m: Measurement) -> str:
+    mode = "checkpointed" if m.checkpointing else "plain"
+    return (
+        f"{m.resolution:>6} {mode:>13} {m.step_peak_mib:>12.0f} {m.activations_mib:>12.0f} "
+        f"{m.step_peak_mib / m.batch:>11.0f} {m.seconds_per_image:>8.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--ch", type=int, default=128)
+    parser.add_argument("--ch-mult", type=int, nargs="+", default=[1, 1, 2, 2, 4])
+    parser.add_argument("--num-res-blocks", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--codebook-size", type=int, default=16384)
+    parser.add_argument("--code-dim", type=int, default=8)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="steps per configuration (>= 2): a warm-up, timed ones, one measured for memory",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--timeout", type=float, default=0, help="seconds per configuration (0: none)"
+    )
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2")
+
+    if args.child:
+        args.resolution = args.resolutions[0]
+        print(json.dumps(asdict(measure(args))))
+        return 0
+
+    print(
+        f"ch={args.ch} ch_mult={args.ch_mult} num_res_blocks={args.num_res_blocks} "
+        f"K={args.codebook_size} d={args.code_dim} batch={args.batch} device={args.device} "
+        f"{args.precision}; {args.steps} steps per configuration (memory in MiB)"
+    )
+    print(
+        f"{'px':>6} {'mode':>13} {'step peak':>12} {'activations':>12} {'peak/img':>11} "
+        f"{'s/img':>8}"
+    )
+    results: dict[tuple[int, bool], Measurement] = {}
+    for resolution in args.resolutions:
+        for checkpointing in (False, True):
+            got = _run_child(args, resolution, checkpointing)
+            if isinstance(got, str):
+                mode = "checkpointed" if checkpointing else "plain"
+                print(f"{resolution:>6} {mode:>13} {got}")
+                continue
+            results[resolution, checkpointing] = got
+            print(_row(got), flush=True)
+    for resolution in args.resolutions:
+        plain, ckpt = results.get((resolution, False)), results.get((resolution, True))
+        if plain and ckpt and plain.activations_mib > 0:
+            print(
+                f"{resolution} px: checkpointed / plain activations "
+                f"{ckpt.activations_mib / plain.activations_mib:.3f}, step peak "
+                f"{ckpt.step_peak_mib / plain.step_peak_mib:.3f}, time "
+                f"{ckpt.seconds_per_image / plain.seconds_per_image:.2f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
