@@ -96,3 +96,18 @@ def test_adaptive_weight_needs_a_last_layer(tmp_path):
     cfg = _config(tmp_path, shards, tmp_path / "run", "loss.adversarial.adaptive=true")
     with pytest.raises(ConfigError, match="last_layer"):
         train(cfg)
+
+
+VQGAN = ("model.arch=vqgan", "model.ch=8", "model.ch_mult=[1,2,2]", "model.attn_resolutions=[8]",
+         "model.z_channels=8", "model.num_res_blocks=1", "quantizer.code_dim=8")  # fmt: skip
+
+
+def test_adaptive_weight_on_a_vqgan_balances_the_gradients(tmp_path):
+    shards = make_shards(tmp_path / "shards")
+    cfg = _config(tmp_path, shards, tmp_path / "run", *VQGAN, "loss.adversarial.adaptive=true",
+                  "model.grad_checkpointing=true")  # fmt: skip
+    train(cfg)
+    rows = _rows(tmp_path / "run")
+    weights = [rows[s]["loss/adaptive_weight"] for s in (3, 4, 5, 6)]
+    assert all(0.0 < w < 0.5 * 1e4 for w in weights) and len(set(weights)) > 1, weights
+    assert all("disc/loss" in rows[s] for s in (3, 4, 5, 6))

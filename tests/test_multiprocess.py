@@ -271,18 +271,30 @@ GAN = (
 )
 
 
-@pytest.mark.parametrize("stage", ["ddp", "zero2", "zero3"])
-def test_tokenizer_and_discriminator_resume_exactly_on_two_ranks(tmp_path, shards, stage):
+# A small VQGAN with taming's adaptive weight, read through a tap on the decoder's last
+# conv under ZeRO-3 (its weight is partitioned there) and from the weight under DDP.
+ADAPTIVE_VQGAN = (
+    "model.arch=vqgan", "model.ch=8", "model.ch_mult=[1,2,2]", "model.attn_resolutions=[8]",
+    "model.z_channels=8", "model.num_res_blocks=1", "loss.adversarial.adaptive=true",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("stage", "model"),
+    [("ddp", ()), ("zero2", ()), ("zero3", ()), ("ddp", ADAPTIVE_VQGAN), ("zero3", ADAPTIVE_VQGAN)],
+    ids=["ddp", "zero2", "zero3", "ddp-vqgan-adaptive", "zero3-vqgan-adaptive"],
+)
+def test_tokenizer_and_discriminator_resume_exactly_on_two_ranks(tmp_path, shards, stage, model):
     extra = () if stage == "ddp" else ("--mixed_precision", "bf16")
     launcher = f"{stage}.yaml"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    cfg_a = write_config(tmp_path, shards, straight, *GAN)
+    cfg_a = write_config(tmp_path, shards, straight, *GAN, *model)
     accelerate(launcher, "launch/train.py", "--config", str(cfg_a), extra_launch=extra)
-    cfg_b = write_config(tmp_path, shards, resumed, *GAN)
+    cfg_b = write_config(tmp_path, shards, resumed, *GAN, *model)
     accelerate(launcher, "launch/train.py", "--config", str(cfg_b), "--stop-after", "4",
                extra_launch=extra)  # fmt: skip
     accelerate(launcher, "launch/train.py", "--config", str(cfg_b), extra_launch=extra)
-    for key in ("loss", "loss/generator", "disc/loss", "disc/logits_real"):
+    for key in ("loss", "loss/generator", "loss/adaptive_weight", "disc/loss", "disc/logits_real"):
         a, b = _metric(straight, key), _metric(resumed, key)
         assert sorted(a) == sorted(b), key
         for step in a:
