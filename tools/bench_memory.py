@@ -5,7 +5,9 @@
     python tools/bench_memory.py --device cuda --batch 8 --precision bf16
 
 A step is what the tokenizer task does: forward, MSE + the quantizer's VQ terms
-(tokenizer.losses.reconstruction.vqvae_loss), backward, AdamW. Every (resolution,
+(tokenizer.losses.reconstruction.vqvae_loss), backward, AdamW; with --discriminator also
+what the adversarial task adds (a PatchGAN of --disc-ndf / --disc-layers: the generator's
+hinge term through the frozen discriminator, then its own step on real and fake images). Every (resolution,
 checkpointing) pair runs in a fresh process, so each peak is its own: --steps - 1 timed
 steps (the first a warm-up that also allocates the gradients and AdamW's state), then
 one step measured for memory. Attention sits in the coarsest level at every resolution (as in LlamaGen VQ-16 at
@@ -48,8 +50,10 @@ from tokenizer.cli.memory import (  # noqa: E402
     rss_bytes,
 )
 from tokenizer.config import load_config  # noqa: E402
+from tokenizer.losses.adversarial import discriminator_loss, generator_loss  # noqa: E402
 from tokenizer.losses.reconstruction import vqvae_loss  # noqa: E402
 from tokenizer.models import build_model  # noqa: E402
+from tokenizer.nn.discriminator import PatchDiscriminator  # noqa: E402
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Measurement:
     resolution: int
     checkpointing: bool
     batch: int
-    parameters: int
+    parameters: int  # of both models with --discriminator
     step_peak_mib: float  # above the memory live before the step
     activations_mib: float  # kept by the forward for the backward
     seconds_per_image: float  # median over the timed steps after the first
@@ -122,14 +126,31 @@ def measure(args: argparse.Namespace) -> Measurement:
     images = torch.rand(args.batch, 3, args.resolution, args.resolution, device=device) * 2 - 1
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
 
-    def forward() -> torch.Tensor:
+    disc = None
+    if args.discriminator:
+        disc = PatchDiscriminator(3, args.disc_ndf, args.disc_layers, "batch").to(device).train()
+        disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            return vqvae_loss(images, model(images), "mse").total
+            out = model(images)
+            loss = vqvae_loss(images, out, "mse").total
+            if disc is not None:
+                disc.requires_grad_(False)
+                loss = loss + 0.5 * generator_loss(disc(out.reconstruction), "hinge")
+                disc.requires_grad_(True)
+        return loss, out.reconstruction.detach()
 
-    def backward(loss: torch.Tensor) -> None:
+    def backward(loss: torch.Tensor, fake: torch.Tensor) -> None:
         loss.backward()
         optimizer.step()
+        if disc is not None:
+            disc_optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                d_loss = discriminator_loss(disc(images), disc(fake), "hinge")
+            d_loss.backward()
+            disc_optimizer.step()
 
     # Timed steps first, under the default allocator: the unmap-on-free setting that makes
     # the RSS exact costs page faults on every big allocation (3x slower steps here).
@@ -137,7 +158,7 @@ def measure(args: argparse.Namespace) -> Measurement:
     for _ in range(args.steps - 1):
         _sync(device)
         start = time.perf_counter()
-        backward(forward())
+        backward(*forward())
         _sync(device)
         seconds.append(time.perf_counter() - start)
 
@@ -145,16 +166,16 @@ def measure(args: argparse.Namespace) -> Measurement:
     memory = _Memory(device)
     before = memory.live()
     memory.reset_peak()
-    loss = forward()
+    loss, fake = forward()
     activations = memory.live() - before
-    backward(loss)
-    del loss
+    backward(loss, fake)
+    del loss, fake
     peak = memory.peak() - before
     return Measurement(
         resolution=args.resolution,
         checkpointing=args.checkpointing,
         batch=args.batch,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=sum(p.numel() for m in (model, disc) if m is not None for p in m.parameters()),
         step_peak_mib=peak / MiB,
         activations_mib=activations / MiB,
         seconds_per_image=statistics.median(seconds[1:] or seconds) / args.batch,
@@ -168,6 +189,9 @@ def _child_command(args: argparse.Namespace, resolution: int, checkpointing: boo
     command += ["--codebook-size", str(args.codebook_size), "--code-dim", str(args.code_dim)]
     command += ["--steps", str(args.steps), "--device", args.device]
     command += ["--precision", args.precision]
+    if args.discriminator:
+        command += ["--discriminator", "--disc-ndf", str(args.disc_ndf)]
+        command += ["--disc-layers", str(args.disc_layers)]
     return command + (["--checkpointing"] if checkpointing else [])
 
 
@@ -218,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=0, help="seconds per configuration (0: none)"
     )
+    parser.add_argument(
+        "--discriminator", action="store_true", help="add the PatchGAN and its step"
+    )
+    parser.add_argument("--disc-ndf", type=int, default=64)
+    parser.add_argument("--disc-layers", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -232,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ch={args.ch} ch_mult={args.ch_mult} num_res_blocks={args.num_res_blocks} "
         f"K={args.codebook_size} d={args.code_dim} batch={args.batch} device={args.device} "
-        f"{args.precision}; {args.steps} steps per configuration (memory in MiB)"
+        f"{args.precision}{' + discriminator' if args.discriminator else ''}; "
+        f"{args.steps} steps per configuration (memory in MiB)"
     )
     print(
         f"{'px':>6} {'mode':>13} {'step peak':>12} {'activations':>12} {'peak/img':>11} "

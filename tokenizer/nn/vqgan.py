@@ -23,13 +23,17 @@ from torch.utils.checkpoint import checkpoint
 
 # taming / LlamaGen normalise with GroupNorm(32 groups, eps 1e-6).
 NORM_GROUPS = 32
+MIN_CHANNELS_PER_GROUP = 4
 NORM_EPS = 1e-6
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm(32) as in taming; widths not divisible by 32 (narrow test models) take the
-    largest group count dividing both, so any width builds."""
-    return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels, eps=NORM_EPS, affine=True)
+    """GroupNorm(32) as in taming, whose widths are 128 and up (4+ channels a group).
+    Narrower models (demos, tests) keep 4 channels a group where the width allows: with
+    one channel a group GroupNorm is an instance norm, which takes every channel's mean
+    over the image away at each block, and a narrow VQGAN then learns colour very late."""
+    groups = math.gcd(NORM_GROUPS, max(1, channels // MIN_CHANNELS_PER_GROUP))
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS, affine=True)
 
 
 class ResnetBlock(nn.Module):
