@@ -16,8 +16,9 @@ N, K, D = 65536, 262144, 8
 
 # Runs in a fresh interpreter so that the peak RSS belongs to this lookup alone.
 SCRIPT = f"""
-import resource, sys
-import psutil, torch
+import sys
+import torch
+from tokenizer.cli.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from tokenizer.quantize.backends import build_search
 
 g = torch.Generator().manual_seed(0)
@@ -25,12 +26,12 @@ x = torch.randn({N}, {D}, generator=g)  # (N, D)
 e = torch.randn({K}, {D}, generator=g)  # (K, D)
 search = build_search(sys.argv[1])
 search(x[:64], e[:1024])  # warm-up: thread pools and lazy library state
-before = psutil.Process().memory_info().rss
+# This process's own high-water mark (VmHWM, reset here). Not ru_maxrss: Linux carries
+# the parent's over fork and exec, so a large pytest process would look like growth.
+before = rss_bytes()
+reset_peak_rss()
 result = search(x, e)
-# ru_maxrss is the process's high-water mark (KiB on Linux, bytes on macOS); counting it
-# from the current RSS over-estimates the growth, which is the safe direction here.
-scale = 1 if sys.platform == "darwin" else 1024
-growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - before
+growth = peak_rss_bytes() - before
 rows = torch.arange(0, {N}, {N} // 32)  # (32,) spot checks against float64
 ref = torch.cdist(x[rows].double(), e.double()).pow(2)  # (32, K)
 assert torch.equal(result.indices[rows], ref.argmin(1)), "wrong nearest code"
