@@ -1,5 +1,6 @@
 """The tokenizer task: one tokenizer model trained on reconstruction + its quantizers'
-VQ terms (the VQ-VAE objective), with AdamW and warmup + cosine."""
+VQ terms (the VQ-VAE objective), plus LPIPS when loss.perceptual.weight > 0, with AdamW
+and warmup + cosine, and optionally a weight EMA. The adversarial task builds on it."""
 
 from __future__ import annotations
 
