@@ -4,17 +4,16 @@ Computes only; the perceptual and adversarial losses live in tokenizer/losses.""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig
-from tokenizer.models.base import SINGLE_GRID, TokenizerOutput
 from tokenizer.models.rules import require_divisible_resolution
+from tokenizer.models.single_grid import SingleGridModel, weight_dtype
 from tokenizer.nn.vqgan import Decoder, Encoder, level_resolutions
-from tokenizer.quantize import QuantizerOutput, VectorQuantizer, quantizer_from_config
+from tokenizer.quantize import quantizer_from_config
 
 
-class VQGAN(nn.Module):
+class VQGAN(SingleGridModel):
     # The model.* keys that decide a VQGAN's weights and codes: what its releases record
     # (grad_checkpointing changes neither; dropout is off at inference but is kept, as
     # an architecture setting a reader may want to know).
@@ -71,20 +70,6 @@ class VQGAN(nn.Module):
                 f"{levels}); name those that attend, or [] for attention in the mid block only"
             )
 
-    @property
-    def downsample_factor(self) -> int:
-        return self._downsample_factor
-
-    @property
-    def codebook_size(self) -> int:
-        return self.quantizer.codebook_size
-
-    def quantizers(self) -> dict[str, VectorQuantizer]:
-        return {SINGLE_GRID: self.quantizer}
-
-    def downsample_factors(self) -> dict[str, int]:
-        return {SINGLE_GRID: self._downsample_factor}
-
     def last_layer(self) -> nn.Parameter:
         """The decoder's final conv weight, where the adaptive GAN weight (taming) compares
         the gradient norms of the reconstruction and adversarial losses."""
@@ -93,33 +78,10 @@ class VQGAN(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> z_e (B, code_dim, H/f, W/f)."""
         # Engines that cast the weights (DeepSpeed bf16) get inputs of the weights' dtype.
-        h = self.encoder(x.to(_weight_dtype(self.encoder)))  # (B, z_channels, H/f, W/f)
+        h = self.encoder(x.to(weight_dtype(self.encoder)))  # (B, z_channels, H/f, W/f)
         return self.quant_conv(h)  # (B, code_dim, H/f, W/f)
-
-    def quantize(self, z_e: Tensor) -> QuantizerOutput:
-        # Never under a checkpoint: a recomputed forward would repeat the quantizer's EMA
-        # update, its dead-code bookkeeping and its collectives.
-        return self.quantizer(z_e)
 
     def decode(self, z_q: Tensor) -> Tensor:
         """(B, code_dim, h, w) -> (B, 3, h*f, w*f)."""
-        h = self.post_quant_conv(z_q.to(_weight_dtype(self.post_quant_conv)))  # (B, z, h, w)
+        h = self.post_quant_conv(z_q.to(weight_dtype(self.post_quant_conv)))  # (B, z, h, w)
         return self.decoder(h)  # (B, 3, h*f, w*f)
-
-    def decode_indices(self, indices: Tensor) -> Tensor:
-        """Code grid (B, h, w) -> images (B, 3, h*f, w*f)."""
-        return self.decode(self.quantizer.lookup(indices))  # (B, code_dim, h, w) in between
-
-    def encode_codes(self, x: Tensor) -> dict[str, Tensor]:
-        return {SINGLE_GRID: self.quantize(self.encode(x)).indices}  # (B, h, w)
-
-    def decode_codes(self, codes: dict[str, Tensor]) -> Tensor:
-        return self.decode_indices(codes[SINGLE_GRID])
-
-    def forward(self, x: Tensor) -> TokenizerOutput:
-        q = self.quantize(self.encode(x))
-        return TokenizerOutput(reconstruction=self.decode(q.quantized), grids={SINGLE_GRID: q})
-
-
-def _weight_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
