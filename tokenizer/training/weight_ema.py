@@ -28,19 +28,23 @@ class WeightEMA:
             )
         self.decay = decay
         self.params = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        saved = module.state_dict().keys()  # persistent buffers only, found once
+        self._buffer_names = [n for n, _ in module.named_buffers() if n in saved]
         self.buffers: dict[str, torch.Tensor] = {}
         self._copy_buffers(module)
 
     def _copy_buffers(self, module: nn.Module) -> None:
-        saved = module.state_dict().keys()  # persistent buffers only
-        for name, buffer in module.named_buffers():
-            if name in saved:
-                self.buffers[name] = buffer.detach().clone()
+        buffers = dict(module.named_buffers())
+        for name in self._buffer_names:
+            self.buffers[name] = buffers[name].detach().clone()
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        for name, param in module.named_parameters():
-            self.params[name].lerp_(param.detach().float(), 1.0 - self.decay)
+        # One fused lerp over every parameter (as timm's ModelEmaV3), not one op each:
+        # this runs after every optimiser step.
+        shadows = list(self.params.values())
+        current = [p.detach().float() for _, p in module.named_parameters()]
+        torch._foreach_lerp_(shadows, current, 1.0 - self.decay)
         self._copy_buffers(module)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
