@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenizer.cli.lifecycle import exit_with_launcher
+from tokenizer.cli.lifecycle import close_distributed, exit_with_launcher
 from tokenizer.config import ConfigError, load_config
 from tokenizer.data.shard_specs import ShardSpecError
 from tokenizer.training.loop import train
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShardSpecError as err:  # raised before any training: no traceback needed
         print(f"error: {err}", file=sys.stderr)
         return 2
+    close_distributed()
     return 0
 
 

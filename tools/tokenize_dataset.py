@@ -27,7 +27,7 @@ from pathlib import Path
 # Runs as a script from the repository root without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.cli.lifecycle import exit_with_launcher  # noqa: E402
+from tokenizer.cli.lifecycle import close_distributed, exit_with_launcher  # noqa: E402
 from tokenizer.data.index.verify import verify_index  # noqa: E402
 from tokenizer.tokenize.corpus import (  # noqa: E402
     TokenizeOptions,
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # bad arguments or a foreign output folder
         print(f"error: {err}", file=sys.stderr)
         return 2
+    close_distributed()
     manifest = summary.manifest
     if manifest is not None:
         rate = summary.images_encoded / max(summary.seconds, 1e-9)

@@ -1,4 +1,5 @@
-"""A rank started by a launcher (torchrun, `accelerate launch`) dies with its launcher.
+"""A launched rank's life: it dies with its launcher, and a run that ends well closes
+its process group.
 
 torchrun's elastic agent starts every rank in a session of its own, so killing the
 launcher's process group (Ctrl-C in a lost shell, a scheduler killing the job's group)
@@ -63,3 +64,19 @@ def _exit_orphaned(parent: int) -> None:
     # No cleanup: the launcher is dead, peers may be gone, a collective could hang forever.
     # Checkpoints are written under a temporary name, so nothing half-written looks complete.
     os._exit(143)
+
+
+def close_distributed() -> None:
+    """After a run that ended normally on this rank: wait for the others, then destroy the
+    process group. Call it only on success, as the last step of main().
+
+    A process that exits with its gloo process group alive can abort (SIGABRT, "terminate
+    called without an active exception") when gloo's worker threads outlive the
+    interpreter's teardown (pytorch#179291), turning a finished run into a failed one. A
+    rank that failed skips this: the launcher stops the others, and a barrier would hang.
+    """
+    import torch.distributed as dist  # only ranks pay for the import
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
