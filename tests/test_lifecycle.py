@@ -57,3 +57,44 @@ def test_not_armed_without_a_launcher(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     assert exit_with_launcher() is False
+
+
+# Two gloo ranks that each ran a collective, closed the group and exit normally.
+CLOSE = """
+import sys
+import torch, torch.distributed as dist
+from tokenizer.cli.lifecycle import close_distributed
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank,
+                        world_size=2)
+x = torch.ones(1)
+dist.all_reduce(x)
+assert x.item() == 2
+close_distributed()
+assert not dist.is_initialized()
+close_distributed()  # without a group: nothing to do
+print("closed", flush=True)
+"""
+
+
+def test_close_distributed_waits_for_the_peer_and_destroys_the_group():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLOSE, str(rank), port],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for rank in ranks:
+        out, err = rank.communicate(timeout=120)
+        assert rank.returncode == 0, err
+        assert out.strip() == "closed"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from tokenizer.cli.lifecycle import close_distributed
 from tokenizer.config import load_config
 from tokenizer.training.loop import train
 
@@ -20,12 +21,14 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     result = train(load_config(*args.config, overrides=args.overrides))
-    rank = int(os.environ.get("RANK", "0"))  # train() has closed the process group
+    rank = int(os.environ.get("RANK", "0"))
+    # Every grid's quantizer: `quantizer.*` for one grid, `quantizer.<grid>.*` for several.
     state = result.model.quantizer.state_dict()
     out = Path(args.dump)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(tensors, str(out / f"quantizer_rank{rank}.safetensors"))
+    close_distributed()
 
 
 if __name__ == "__main__":
