@@ -1,4 +1,4 @@
-"""Memory and time of one tokenizer training step, with and without gradient checkpointing.
+r"""Memory and time of one tokenizer training step, with and without gradient checkpointing.
 
     python tools/bench_memory.py                                   # LlamaGen VQ-16 widths
     python tools/bench_memory.py --ch 16 --ch-mult 1 1 2 2 4 --resolutions 256 512 1024
