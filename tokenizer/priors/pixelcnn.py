@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from tokenizer.nn.paper import ResidualBlock
 from tokenizer.priors.causal_conv import check_kernel_size
 from tokenizer.priors.gated_layer import GatedLayer
+from tokenizer.priors.inputs import check_class_labels, check_condition
 from tokenizer.priors.raster_attention import CausalSelfAttention
 from tokenizer.priors.sampling import sample_logits
 
@@ -158,42 +159,12 @@ class GatedPixelCNN(nn.Module):
     ) -> Tensor | None:
         """(B, dim, h, w) features of the coarser grid, or None for a prior without one."""
         if self.condition_stack is None:
-            if condition is not None:
-                raise ValueError("condition given, but this prior has condition_codebook_size=0")
-            return None
+            return check_condition(condition, None)
         f = self.condition_factor
-        if condition is None:
-            raise ValueError(
-                "condition is required: this prior is conditioned on a coarser code grid "
-                f"(B, h / {f}, w / {f})"
-            )
         h, w = grid
         if h % f or w % f:
             raise ValueError(f"condition_factor {f} must divide the grid {h}x{w}")
-        expected = (batch, h // f, w // f)
-        if tuple(condition.shape) != expected:
-            raise ValueError(
-                f"condition must be (B, h / {f}, w / {f}) = {expected}, "
-                f"got {tuple(condition.shape)}"
-            )
-        if condition.is_floating_point() or condition.is_complex():
-            raise ValueError(f"condition must hold integer codes, got {condition.dtype}")
-        return self.condition_stack(condition)
-
-    def _check_class_labels(self, class_labels: Tensor | None, batch: int) -> Tensor | None:
-        if not self.num_classes:
-            if class_labels is not None:
-                raise ValueError("class_labels given, but this prior has num_classes=0")
-            return None
-        if class_labels is None:
-            raise ValueError(f"class_labels (B,) are required: num_classes={self.num_classes}")
-        if tuple(class_labels.shape) != (batch,):
-            raise ValueError(
-                f"class_labels must be (B,) = ({batch},), got {tuple(class_labels.shape)}"
-            )
-        if class_labels.is_floating_point() or class_labels.is_complex():
-            raise ValueError(f"class_labels must be integers, got {class_labels.dtype}")
-        return class_labels
+        return self.condition_stack(check_condition(condition, (batch, h // f, w // f)))
 
     def _embed(self, codes: Tensor) -> Tensor:
         if codes.dim() != 3:
@@ -222,7 +193,7 @@ class GatedPixelCNN(nn.Module):
             raise ValueError(f"x must be (B, dim={self.dim}, h, w), got {tuple(x.shape)}")
         batch, grid = x.shape[0], (x.shape[2], x.shape[3])
         features = self._condition_features(condition, batch, grid)
-        return self._logits(x, features, self._check_class_labels(class_labels, batch))
+        return self._logits(x, features, check_class_labels(class_labels, self.num_classes, batch))
 
     def forward(
         self, codes: Tensor, condition: Tensor | None = None, class_labels: Tensor | None = None
@@ -259,7 +230,7 @@ class GatedPixelCNN(nn.Module):
         self.eval()
         try:
             features = self._condition_features(condition, n, (h, w))
-            labels = self._check_class_labels(class_labels, n)
+            labels = check_class_labels(class_labels, self.num_classes, n)
             codes = torch.zeros(n, h, w, dtype=torch.long, device=device)
             for r in range(h):
                 # Row r depends on rows <= r only (no padding below, causal attention),

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenizer.priors.attention import Block, KVCache
+from tokenizer.priors.inputs import check_class_labels, check_condition
 from tokenizer.priors.sampling import sample_logits
 
 
@@ -111,32 +112,16 @@ class TransformerPrior(nn.Module):
     def _prefix(self, condition: Tensor | None, batch: int) -> Tensor | None:
         """(B, h', w') condition codes -> (B, P, C) prefix embeddings, or None."""
         if self.prefix_len == 0:
-            if condition is not None:
-                raise ValueError("condition given, but this prior has condition_codebook_size=0")
-            return None
-        want = (batch, *self.condition_shape)
-        if condition is None:
-            raise ValueError(f"condition is required: int64 codes of shape {want}")
-        if condition.dtype != torch.long or tuple(condition.shape) != want:
-            raise ValueError(
-                f"condition must be int64 of shape {want}, got {condition.dtype} {tuple(condition.shape)}"
-            )
+            return check_condition(condition, None)
+        condition = check_condition(condition, (batch, *self.condition_shape))
         return self.cond_emb(condition.flatten(1)) + self.cond_pos
 
     def _first(self, class_labels: Tensor | None, batch: int) -> Tensor:
         """The first input token, (B, 1, C): the class embedding or the start token."""
-        if self.num_classes == 0:
-            if class_labels is not None:
-                raise ValueError("class_labels given, but this prior has num_classes=0")
+        labels = check_class_labels(class_labels, self.num_classes, batch)
+        if labels is None:
             return self.start.expand(batch, 1, -1)
-        if class_labels is None:
-            raise ValueError(f"class_labels is required: int64 of shape ({batch},)")
-        if class_labels.dtype != torch.long or tuple(class_labels.shape) != (batch,):
-            raise ValueError(
-                f"class_labels must be int64 of shape ({batch},), "
-                f"got {class_labels.dtype} {tuple(class_labels.shape)}"
-            )
-        return self.class_emb(class_labels)[:, None]
+        return self.class_emb(labels)[:, None]
 
     # --- the network ------------------------------------------------------------------
 
