@@ -279,10 +279,36 @@ ADAPTIVE_VQGAN = (
 )  # fmt: skip
 
 
+ADAPTIVE_VQVAE2 = ("model.arch=vqvae2", "loss.adversarial.adaptive=true")
+# VQGAN blocks in the hierarchy: the decoder ends in a Conv2d, which the ZeRO-3 tap reads.
+ADAPTIVE_VQVAE2_VQGAN = (
+    *ADAPTIVE_VQVAE2, "model.blocks=vqgan", "model.ch=8", "model.ch_mult=[1,2,2]",
+    "model.attn_resolutions=[4]", "model.z_channels=8", "model.num_res_blocks=1",
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("stage", "model"),
-    [("ddp", ()), ("zero2", ()), ("zero3", ()), ("ddp", ADAPTIVE_VQGAN), ("zero3", ADAPTIVE_VQGAN)],
-    ids=["ddp", "zero2", "zero3", "ddp-vqgan-adaptive", "zero3-vqgan-adaptive"],
+    [
+        ("ddp", ()),
+        ("zero2", ()),
+        ("zero3", ()),
+        ("ddp", ADAPTIVE_VQGAN),
+        ("zero3", ADAPTIVE_VQGAN),
+        ("ddp", ADAPTIVE_VQVAE2),
+        ("zero2", ("model.arch=vqvae2",)),
+        ("zero3", ADAPTIVE_VQVAE2_VQGAN),
+    ],
+    ids=[
+        "ddp",
+        "zero2",
+        "zero3",
+        "ddp-vqgan-adaptive",
+        "zero3-vqgan-adaptive",
+        "ddp-vqvae2-adaptive",
+        "zero2-vqvae2",
+        "zero3-vqvae2-vqgan-blocks-adaptive",
+    ],
 )
 def test_tokenizer_and_discriminator_resume_exactly_on_two_ranks(tmp_path, shards, stage, model):
     extra = () if stage == "ddp" else ("--mixed_precision", "bf16")

@@ -28,12 +28,13 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    # "vqvae" (the paper's network: channels, res_channels) or "vqgan" (taming / LlamaGen:
-    # ch, ch_mult, attn_resolutions, z_channels, dropout); num_res_blocks serves both.
+    # "vqvae" (the paper's network: channels, res_channels), "vqvae2" (that network's
+    # blocks in a hierarchy of code grids: levels, level_*) or "vqgan" (taming / LlamaGen:
+    # ch, ch_mult, attn_resolutions, z_channels, dropout); num_res_blocks serves all.
     arch: str = "vqvae"
     in_channels: int = 3
-    # vqvae: one entry per stride-2 downsampling: the encoder's widths, mirrored by the
-    # decoder. The downsampling factor is 2 ** len(channels).
+    # vqvae, vqvae2: one entry per stride-2 downsampling: the encoder's widths, mirrored
+    # by the decoder. The (bottom grid's) downsampling factor is 2 ** len(channels).
     channels: list[int] = field(default_factory=lambda: [128, 256])
     # Residual blocks per stage (vqvae) or per resolution level (vqgan; its decoder has
     # one more per level, as in taming).
@@ -53,6 +54,19 @@ class ModelConfig:
     # Encoder output / decoder input width, around the 1x1 convs to quantizer.code_dim.
     z_channels: int = 256
     dropout: float = 0.0
+    # vqvae2 (VQ-VAE-2, the paper's blocks and widths above): the number of code grids,
+    # coarsest first `top` .. `bottom` (2: top, bottom; 3: top, middle, bottom). The
+    # bottom grid is at 2 ** len(channels), each grid above halves the one below it.
+    levels: int = 2
+    # vqvae2: the blocks of every stage: "paper" (the VQ-VAE's: channels, res_channels;
+    # rosinality's VQ-VAE-2) or "vqgan" (ch, ch_mult, attn_resolutions, z_channels,
+    # dropout, grad_checkpointing; the bottom grid at 2 ** (len(ch_mult) - 1)).
+    blocks: str = "paper"
+    # vqvae2: each grid's codebook size and code dimension, coarsest first; [] gives
+    # every grid quantizer.codebook_size / quantizer.code_dim. The other quantizer.*
+    # options (EMA, init, restarts, lookup_dim, search) apply to every grid.
+    level_codebook_sizes: list[int] = field(default_factory=list)
+    level_code_dims: list[int] = field(default_factory=list)
     # vqgan: recompute each level's activations in the backward pass instead of keeping
     # them (less memory at 512-1024 px, about one more forward of compute). Training only;
     # never around the quantizer, whose EMA update and collectives must run once a step.
@@ -129,15 +143,21 @@ class DataConfig:
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     # Batches each worker prepares ahead of the training step.
     prefetch_factor: int = 2
+    # train.task prior: the index shards to learn (a folder tools/tokenize_dataset.py
+    # wrote, or its manifest.json) and, optionally, held-out ones of the same tokenizer.
+    train_index: str | None = None
+    eval_index: str | None = None
 
 
 # The training tasks (tokenizer/training/tasks/): what one step computes.
-TASKS = ("tokenizer",)
+TASKS = ("tokenizer", "prior")
 
 
 @dataclass
 class TrainConfig:
-    # What a step trains: "tokenizer" (the tokenizer on reconstruction + VQ terms).
+    # What a step trains: "tokenizer" (the tokenizer on reconstruction + VQ terms, and
+    # the perceptual and adversarial terms when their weights are > 0) or "prior" (a
+    # prior over the codes of data.train_index: the prior section).
     task: str = "tokenizer"
     max_steps: int = 1000
     batch_size: int = 16  # per rank, per micro-step
@@ -217,6 +237,35 @@ class LossConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
+# The values of prior.arch (tokenizer/priors/).
+PRIOR_ARCHS = ("pixelcnn", "transformer")
+
+
+@dataclass
+class PriorConfig:
+    """An autoregressive prior over a tokenizer's code grids (train.task: prior). With
+    several grids (VQ-VAE-2) there is one prior per grid, coarsest first, each below the
+    first conditioned on the grid above it; all train together, one loss per grid."""
+
+    # "pixelcnn": the gated PixelCNN (van den Oord et al. 2016); "transformer": a
+    # decoder-only transformer over raster-ordered codes.
+    arch: str = "pixelcnn"
+    dim: int = 64
+    layers: int = 15
+    kernel_size: int = 7  # pixelcnn: the stacks' kernel
+    heads: int = 4  # transformer heads; pixelcnn: heads of its attention blocks
+    # pixelcnn: causal self-attention after every N gated layers (0: none), in the prior of
+    # the coarsest grid only when there are several (VQ-VAE-2's top prior has it).
+    attention_every: int = 0
+    mlp_ratio: float = 4.0  # transformer
+    dropout: float = 0.0
+    # A tokenizer release of the index's fingerprint: training previews decode samples
+    # with it (none: no previews; tools/sample_prior.py takes one too).
+    tokenizer: str | None = None
+    # Training samples whose codes give the unigram baseline (eval/unigram_bits).
+    unigram_samples: int = 100_000
+
+
 @dataclass
 class LoggingConfig:
     every: int = 10
@@ -255,6 +304,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # "auto" (newest checkpoint in run.dir, if any), a checkpoint path, or None.
     resume: str | None = None
@@ -384,6 +434,10 @@ _RULES = [
         ((lambda v: all(r >= 1 for r in v)), "a list of feature resolutions >= 1"),
     ),
     _rule("model.z_channels", _at_least(1)),
+    _rule("model.levels", _at_least(1)),
+    _rule("model.blocks", _one_of("paper", "vqgan")),
+    _rule("model.level_codebook_sizes", ((lambda v: all(k >= 1 for k in v)), "sizes >= 1")),
+    _rule("model.level_code_dims", ((lambda v: all(d >= 1 for d in v)), "dimensions >= 1")),
     _rule("model.dropout", ((lambda v: 0.0 <= v < 1.0), "in [0, 1)")),
     _rule("quantizer.codebook_size", _at_least(1)),
     _rule("quantizer.code_dim", _at_least(1)),
@@ -445,6 +499,15 @@ _RULES = [
     ),
     _rule("loss.adversarial.weight_decay", _at_least(0)),
     _rule("loss.adversarial.warmup_steps", _at_least(0)),
+    _rule("prior.arch", _one_of(*PRIOR_ARCHS)),
+    _rule("prior.dim", _at_least(1)),
+    _rule("prior.layers", _at_least(1)),
+    _rule("prior.kernel_size", ((lambda v: v >= 3 and v % 2 == 1), "an odd size >= 3")),
+    _rule("prior.heads", _at_least(1)),
+    _rule("prior.attention_every", _at_least(0, " (0: no attention)")),
+    _rule("prior.mlp_ratio", ((lambda v: v > 0), "> 0")),
+    _rule("prior.dropout", ((lambda v: 0.0 <= v < 1.0), "in [0, 1)")),
+    _rule("prior.unigram_samples", _at_least(1)),
     _rule("logging.every", _at_least(1)),
     _rule("logging.image_every", _at_least(0, " (0: no previews)")),
     _rule("logging.num_images", _at_least(0)),

@@ -23,6 +23,9 @@ ModelBuilder = Callable[["Config"], "TokenizerModel"]
 # cfg -> None, or ConfigError naming the key: what only this architecture rules out
 # (the downsampling factor data.resolution must be divisible by, keys it cannot honour).
 ConfigCheck = Callable[["Config"], None]
+# The model.* keys a release records: fixed, or chosen from the model section (an
+# architecture whose blocks are configurable records the keys of the blocks it uses).
+ReleaseKeys = tuple[str, ...] | Callable[["ModelConfig"], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Arch:
     # The model.* keys that decide this architecture's weights and codes: a release
     # records these alone, so that keys other architectures read (added later or not)
     # never enter its fingerprint. None: every key of the model section.
-    release_keys: tuple[str, ...] | None = None
+    release_keys: ReleaseKeys | None = None
 
 
 _ARCHS: dict[str, Arch] = {}
@@ -44,7 +47,7 @@ def register_arch(
     replace: bool = False,
     *,
     check: ConfigCheck | None = None,
-    release_keys: tuple[str, ...] | None = None,
+    release_keys: ReleaseKeys | None = None,
 ) -> None:
     """Make `model.arch: <name>` build with `builder`; `check` adds the architecture's own
     config rules, `release_keys` names the model keys its releases record. Registering a
@@ -52,7 +55,8 @@ def register_arch(
     not an override)."""
     if not name:
         raise ValueError("an architecture needs a non-empty name")
-    arch = Arch(builder, check, None if release_keys is None else tuple(release_keys))
+    keys = release_keys if release_keys is None or callable(release_keys) else tuple(release_keys)
+    arch = Arch(builder, check, keys)
     if name in _ARCHS and not replace and _ARCHS[name] != arch:
         raise ValueError(f"model.arch {name!r} is already registered (pass replace=True)")
     _ARCHS[name] = arch
@@ -86,6 +90,8 @@ def release_model_config(model: ModelConfig) -> dict[str, Any]:
     """The model section a release records: the keys its architecture names."""
     check_arch(model.arch)
     keys = _ARCHS[model.arch].release_keys
+    if callable(keys):
+        keys = keys(model)
     values: Mapping[str, Any] = asdict(model)
     return {k: v for k, v in values.items() if keys is None or k in keys}
 

@@ -33,7 +33,9 @@ class Encoder(nn.Module):
     """(B, in_channels, H, W) -> (B, code_dim, H/f, W/f), f = 2 ** len(channels).
 
     One stride-2 4x4 conv per entry of `channels` (each followed by a ReLU), a 3x3 conv,
-    the residual stack, and a 1x1 conv into the code space.
+    the residual stack, and a 1x1 conv into the code space; with code_dim None, no 1x1
+    conv: the features (B, channels[-1], H/f, W/f) come out (VQ-VAE-2 joins them to the
+    coarser grid's decoding before its own 1x1 conv).
     """
 
     def __init__(
@@ -42,7 +44,7 @@ class Encoder(nn.Module):
         channels: list[int],
         num_res_blocks: int,
         res_channels: int,
-        code_dim: int,
+        code_dim: int | None,
     ) -> None:
         super().__init__()
         if not channels:
@@ -55,12 +57,13 @@ class Encoder(nn.Module):
         layers += [
             nn.Conv2d(prev, prev, kernel_size=3, padding=1),
             _residual_stack(prev, res_channels, num_res_blocks),
-            nn.Conv2d(prev, code_dim, kernel_size=1),
         ]
+        if code_dim is not None:
+            layers.append(nn.Conv2d(prev, code_dim, kernel_size=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # (B, code_dim, h, w)
+        return self.net(x)  # (B, code_dim or channels[-1], h, w)
 
 
 class Decoder(nn.Module):
@@ -92,6 +95,12 @@ class Decoder(nn.Module):
             if i < len(channels) - 1:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The final transposed conv's weight (its in, out channels, 4, 4): the adaptive
+        GAN weight compares the gradient norms of the losses there."""
+        return self.net[-1].weight
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)  # (B, in_channels, H, W)
