@@ -28,6 +28,13 @@ demo: setup
 	$(BIN)/python tools/export_tokenizer.py --run runs/demo --output runs/demo/release
 	$(BIN)/python tools/eval_tokenizer.py --tokenizer runs/demo/release \
 		--shards 'data/demo/eval/{000000..000001}.tar' --grid runs/demo/reconstructions.png
+	$(BIN)/python tools/tokenize_dataset.py --tokenizer runs/demo/release --no-progress \
+		--input 'data/demo/train/{000000..000007}.tar' --output runs/demo/codes/train
+	$(BIN)/python tools/tokenize_dataset.py --tokenizer runs/demo/release --no-progress \
+		--input 'data/demo/eval/{000000..000001}.tar' --output runs/demo/codes/eval
+	$(ACCELERATE_1CPU) launch/train_prior.py --config configs/demo_prior.yaml
+	$(BIN)/python tools/sample_prior.py --prior runs/demo/prior --tokenizer runs/demo/release \
+		--n 16 --out runs/demo/samples.png
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -11,9 +11,10 @@ from tokenizer.data.shard_specs import ShardSpecError
 from tokenizer.training.loop import train
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, task: str | None = None, doc: str = __doc__) -> int:
+    """`task`: the train.task this entry point always runs (launch/train_prior.py)."""
     exit_with_launcher()  # a rank never outlives its launcher
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument(
         "--config",
         action="append",
@@ -31,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100"
     )
     args = parser.parse_args(argv)
+    overrides = [*args.overrides, *([f"train.task={task}"] if task else [])]
     try:
-        cfg = load_config(*args.config, overrides=args.overrides)
+        cfg = load_config(*args.config, overrides=overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -30,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    out = export_release(Path(args.run), Path(args.output), checkpoint, raw=args.raw)
+    try:
+        out = export_release(Path(args.run), Path(args.output), checkpoint, raw=args.raw)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(
         f"wrote {out.directory} from {out.checkpoint} (step {out.step}, {out.weights} weights), "
         f"fingerprint {out.fingerprint}"

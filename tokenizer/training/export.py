@@ -37,6 +37,11 @@ def export_release(
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no complete checkpoint under checkpoints/")
     cfg = load_config(config_file)
+    if cfg.train.task != "tokenizer":
+        raise ValueError(
+            f"{run_dir} trained train.task={cfg.train.task!r}, not a tokenizer: nothing to "
+            "release (a prior is sampled from its run directory: tools/sample_prior.py)"
+        )
     # search="torch": exporting never encodes, so it needs no faiss whatever the run used.
     use_ema = cfg.train.ema_decay > 0 and not raw
     if use_ema:

@@ -17,7 +17,6 @@ from torch import nn
 
 from tokenizer.atomic import write_text
 from tokenizer.config import Config, ConfigError, to_yaml
-from tokenizer.data.shard_specs import resolve_shards
 from tokenizer.distributed import current_collective
 from tokenizer.training.checkpoint import (
     load_extra_weights,
@@ -36,7 +35,7 @@ from tokenizer.training.codebooks import (
 from tokenizer.training.engine import deepspeed_requested, make_accelerator
 from tokenizer.training.log import TrainLog
 from tokenizer.training.task import Part
-from tokenizer.training.tasks import build_task
+from tokenizer.training.tasks import build_task, resolve_task_data
 
 logger = logging.getLogger("tokenizer.training.loop")
 
@@ -61,8 +60,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         logger.setLevel(logging.WARNING)
 
     # Bad data stops the run here, before any compute is spent.
-    train_shards = resolve_shards(cfg.data.train_shards, "data.train_shards", required=True)
-    eval_shards = resolve_shards(cfg.data.eval_shards, "data.eval_shards", required=False)
+    train_shards, eval_shards = resolve_task_data(cfg)
 
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     task = build_task(cfg, accelerator)
@@ -101,7 +99,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     preview = task.preview(eval_shards)
     logger.info(
         "training %s (task %s): %s, %d ranks x batch %d x accum %d, steps %d -> %d",
-        cfg.model.arch,
+        task.description(),
         cfg.train.task,
         ", ".join(f"{p.name} {_num_params(p.core):,} params" for p in parts),
         accelerator.num_processes,

@@ -73,6 +73,10 @@ class TrainingTask(ABC):
     def parts(self) -> list[Part]:
         """The task's parts, built once, in a fixed order (the checkpoint's order)."""
 
+    def description(self) -> str:
+        """What is trained, for the log's first line (e.g. the model's architecture)."""
+        return type(self).__name__
+
     @property
     @abstractmethod
     def release_part(self) -> str:

@@ -55,6 +55,9 @@ class TokenizerTask(TrainingTask):
     def parts(self) -> list[Part]:
         return [self.tokenizer]
 
+    def description(self) -> str:
+        return self.cfg.model.arch
+
     @property
     def release_part(self) -> str:
         return TOKENIZER
