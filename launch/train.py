@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 
-from tokenizer.cli.lifecycle import close_distributed, exit_with_launcher
+from tokenizer.cli.lifecycle import close_distributed, exit_rank, exit_with_launcher
 from tokenizer.config import ConfigError, load_config
 from tokenizer.data.shard_specs import ShardSpecError
 from tokenizer.training.loop import train
@@ -14,6 +15,7 @@ from tokenizer.training.loop import train
 def main(argv: list[str] | None = None, task: str | None = None, doc: str = __doc__) -> int:
     """`task`: the train.task this entry point always runs (launch/train_prior.py)."""
     exit_with_launcher()  # a rank never outlives its launcher
+    faulthandler.enable()  # a rank that dies on a signal (SIGSEGV, SIGABRT) says where
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument(
         "--config",
@@ -51,4 +53,4 @@ def main(argv: list[str] | None = None, task: str | None = None, doc: str = __do
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

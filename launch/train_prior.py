@@ -14,5 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train import main  # noqa: E402
 
+from tokenizer.cli.lifecycle import exit_rank  # noqa: E402
+
 if __name__ == "__main__":
-    sys.exit(main(task="prior", doc=__doc__))
+    exit_rank(main(task="prior", doc=__doc__))

@@ -4,12 +4,9 @@ logged, and a stop + resume gives the uninterrupted run."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from training_helpers import make_shards, write_config
+from training_helpers import make_shards, metric_rows, write_config
 
 from tokenizer.config import ConfigError, load_config
 from tokenizer.training.checkpoint import (
@@ -34,11 +31,6 @@ GAN = (
 QUIET = ("logging.num_images=0", "data.eval_shards=null", "data.num_workers=0")
 
 
-def _rows(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row for row in map(json.loads, lines)}
-
-
 def _config(tmp_path, shards, run_dir, *extra):
     return load_config(write_config(tmp_path, shards, run_dir, "train.max_steps=6",
                                     "checkpoint.every=1", "checkpoint.keep_last=0", *GAN, *QUIET,
@@ -49,7 +41,7 @@ def test_discriminator_idles_then_trains_and_resumes_exactly(tmp_path):
     shards = make_shards(tmp_path / "shards")
     straight = tmp_path / "straight"
     train(_config(tmp_path, shards, straight))
-    rows = _rows(straight)
+    rows = metric_rows(straight)
     for step in (1, 2):  # before start_step: no discriminator forward, no generator term
         assert not any(k.startswith("disc/") for k in rows[step]), rows[step]
         assert "loss/generator" not in rows[step]
@@ -73,7 +65,7 @@ def test_discriminator_idles_then_trains_and_resumes_exactly(tmp_path):
     cfg = _config(tmp_path, shards, resumed)
     train(cfg, stop_after=4)
     train(cfg)
-    again = _rows(resumed)
+    again = metric_rows(resumed)
     for step in range(1, 7):
         for key, value in rows[step].items():
             if key in ("images_per_s", "eta_s", "step"):
@@ -107,7 +99,7 @@ def test_adaptive_weight_on_a_vqgan_balances_the_gradients(tmp_path):
     cfg = _config(tmp_path, shards, tmp_path / "run", *VQGAN, "loss.adversarial.adaptive=true",
                   "model.grad_checkpointing=true")  # fmt: skip
     train(cfg)
-    rows = _rows(tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
     weights = [rows[s]["loss/adaptive_weight"] for s in (3, 4, 5, 6)]
     assert all(0.0 < w < 0.5 * 1e4 for w in weights) and len(set(weights)) > 1, weights
     assert all("disc/loss" in rows[s] for s in (3, 4, 5, 6))

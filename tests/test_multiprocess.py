@@ -2,7 +2,6 @@
 loopback, a kill -9 mid-epoch, and ranks that die with their launcher. Every launch has a timeout, so a hang fails the test."""
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -321,14 +320,8 @@ def test_tokenizer_and_discriminator_resume_exactly_on_two_ranks(tmp_path, shard
                extra_launch=extra)  # fmt: skip
     accelerate(launcher, "launch/train.py", "--config", str(cfg_b), extra_launch=extra)
     for key in ("loss", "loss/generator", "loss/adaptive_weight", "disc/loss", "disc/logits_real"):
-        a, b = _metric(straight, key), _metric(resumed, key)
+        a, b = losses(straight, key), losses(resumed, key)
         assert sorted(a) == sorted(b), key
         for step in a:
             assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (key, step)
-    assert sorted(_metric(straight, "disc/loss")) == [3, 4, 5, 6]  # idle before start_step
-
-
-def _metric(run_dir: Path, key: str) -> dict[int, float]:
-    """step -> a metric, for the steps that logged it (the last line of a step winning)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row[key] for row in rows if key in row}
+    assert sorted(losses(straight, "disc/loss")) == [3, 4, 5, 6]  # idle before start_step

@@ -323,5 +323,5 @@ def test_parameter_count_is_comparable_to_public_code():
     model = GatedPixelCNN(512, dim=64, layers=15, kernel_size=7, num_classes=10)
     count = sum(p.numel() for p in model.parameters())
     print(f"GatedPixelCNN(K=512, dim=64, layers=15, k=7, classes=10): {count:,} parameters")
-    assert count == 1_914_880
+    assert count == 1_910_720  # the last layer has no residual conv: nothing reads its h
     assert 0.9 < count / REFERENCE_PARAMETERS < 1.1

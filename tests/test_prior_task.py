@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from tokenize_helpers import save_tiny_release, write_sources
-from training_helpers import losses, make_shards, write_config
+from training_helpers import accelerate, losses, make_shards, metric_rows, write_config
 from two_grid_model import two_grid_tokenizer
 
-from tokenizer.config import ConfigError, load_config
+from tokenizer.config import ConfigError, load_config, to_yaml
 from tokenizer.tokenize.corpus import TokenizeOptions, tokenize_corpus
 from tokenizer.training.export import export_release
 from tokenizer.training.loop import train
@@ -181,3 +181,22 @@ def test_a_two_grid_index_trains_a_hierarchy_of_priors(tmp_path):
     codes = model.sample(3, generator=torch.Generator().manual_seed(0))
     assert codes["top"].shape == (3, 2, 2) and codes["bottom"].shape == (3, 4, 4)
     assert int(codes["top"].max()) < 16 and int(codes["bottom"].max()) < 32
+
+
+def test_two_ranks_train_a_prior_and_resume_exactly(world, tmp_path):
+    def config(name: str) -> Path:
+        cfg = _cfg(world, tmp_path / name, *PIXELCNN, "train.max_steps=12", "checkpoint.every=6")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(to_yaml(cfg))
+        return path
+
+    accelerate("ddp.yaml", "launch/train_prior.py", "--config", str(config("straight")))
+    resumed = config("resumed")
+    accelerate("ddp.yaml", "launch/train_prior.py", "--config", str(resumed), "--stop-after", "6")
+    accelerate("ddp.yaml", "launch/train_prior.py", "--config", str(resumed))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    final = metric_rows(tmp_path / "straight")[12]
+    assert final["eval/bits_per_code"] < final["eval/uniform_bits"] == 6.0

@@ -4,13 +4,12 @@ checkpointed part by part, resumes exactly, and exports the tokenizer alone."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from training_helpers import make_shards, write_config
+from training_helpers import make_shards, metric_rows, write_config
 
 import tokenizer.training.tasks as tasks
 from tokenizer.config import load_config
@@ -81,11 +80,6 @@ def _config(tmp_path: Path, shards, run_dir: Path):
     return load_config(path)
 
 
-def _rows(run_dir: Path) -> dict[int, dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row for row in map(json.loads, lines)}
-
-
 def test_two_part_task_checkpoints_by_part_and_resumes_exactly(tmp_path, critic_task):
     shards = make_shards(tmp_path / "shards")
     straight = train(_config(tmp_path, shards, tmp_path / "straight"))
@@ -94,7 +88,7 @@ def test_two_part_task_checkpoints_by_part_and_resumes_exactly(tmp_path, critic_
     resumed = train(cfg)
     assert resumed.step == 6
 
-    a, b = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    a, b = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in range(1, 7):
         for key in ("loss", "loss/critic", "lr/tokenizer", "lr/critic"):
@@ -157,7 +151,7 @@ def test_a_two_grid_model_trains_syncs_logs_and_resumes_per_grid(tmp_path):
     cfg = config(tmp_path / "resumed")
     train(cfg, stop_after=3)
     resumed = train(cfg)
-    a, b = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    a, b = metric_rows(tmp_path / "straight"), metric_rows(tmp_path / "resumed")
     for grid in ("top", "bottom"):
         for name in ("usage", "perplexity", "window_usage", "restarts"):
             assert f"codebook/{grid}/{name}" in a[6], (grid, name)
@@ -251,7 +245,7 @@ def test_a_non_finite_loss_skips_its_step_and_too_many_stop_the_run(tmp_path, mo
     cfg = load_config(write_config(tmp_path, shards, tmp_path / "run", "train.max_steps=5", *extra))
     result = train(cfg)
     assert result.step == 5
-    rows = _rows(tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
     assert "loss" not in rows[3]  # the skipped step is left out of its log window
     assert rows[2]["train/skipped_steps"] == 0 and rows[5]["train/skipped_steps"] == 1
     assert all(torch.isfinite(torch.tensor(rows[s]["loss"])) for s in (1, 2, 4, 5))
@@ -293,7 +287,7 @@ def test_the_perceptual_term_trains_and_stays_out_of_the_release(tmp_path):
                                    f"loss.perceptual.backbone={tmp_path / 'vgg16.safetensors'}",
                                    f"loss.perceptual.heads={tmp_path / 'heads.pth'}"))  # fmt: skip
     result = train(cfg)
-    rows = _rows(tmp_path / "run")
+    rows = metric_rows(tmp_path / "run")
     assert all(rows[s]["loss/perceptual"] > 0 for s in (1, 2, 3))
     # The total carries the perceptual term (weight 1) beside reconstruction and VQ terms.
     assert rows[1]["loss"] > rows[1]["loss/reconstruction"] + rows[1]["loss/perceptual"] - 1e-6

@@ -106,7 +106,16 @@ def accelerate(config_file: str, *args: str, timeout: int = 300, extra_launch: t
     run(*launch, *extra_launch, *args, timeout=timeout)
 
 
+def metric_rows(run_dir: Path) -> dict[int, dict]:
+    """step -> every metric metrics.jsonl gives for it (its lines merged, later ones
+    winning: a step's training line, then its eval line)."""
+    rows: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
-    """step -> a logged metric (the loss by default), the last line of a step winning."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {row["step"]: row[key] for row in map(json.loads, lines)}
+    """step -> a logged metric (the loss by default), for the steps that logged it."""
+    return {step: row[key] for step, row in metric_rows(run_dir).items() if key in row}

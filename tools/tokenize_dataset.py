@@ -27,7 +27,7 @@ from pathlib import Path
 # Runs as a script from the repository root without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.cli.lifecycle import close_distributed, exit_with_launcher  # noqa: E402
+from tokenizer.cli.lifecycle import close_distributed, exit_rank, exit_with_launcher  # noqa: E402
 from tokenizer.data.index.verify import verify_index  # noqa: E402
 from tokenizer.tokenize.corpus import (  # noqa: E402
     TokenizeOptions,
@@ -139,4 +139,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from tokenizer.cli.lifecycle import close_distributed
+from tokenizer.cli.lifecycle import close_distributed, exit_rank
 from tokenizer.config import load_config
 from tokenizer.training.loop import train
 
@@ -33,3 +33,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)

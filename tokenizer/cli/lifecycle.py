@@ -1,5 +1,5 @@
 """A launched rank's life: it dies with its launcher, and a run that ends well closes
-its process group.
+its process group and exits without the interpreter's teardown.
 
 torchrun's elastic agent starts every rank in a session of its own, so killing the
 launcher's process group (Ctrl-C in a lost shell, a scheduler killing the job's group)
@@ -9,11 +9,13 @@ leaves orphaned ranks that train on and keep writing checkpoints into the run di
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+from typing import NoReturn
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LAUNCHER_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")
@@ -80,3 +82,24 @@ def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a CLI: sys.exit(code), except in a launched rank, which flushes its streams
+    and logs and leaves without the interpreter's teardown (os._exit).
+
+    Everything a run writes is complete and closed by then (checkpoints renamed into
+    place, logs and TensorBoard closed). What teardown would still do is destroy C++
+    objects whose threads may outlive it: a rank that had finished its work still
+    aborted there now and then (SIGABRT, "terminate called without an active
+    exception"), and the launcher then fails the whole job.
+    """
+    if not launched_by_launcher():
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more to say
+            pass
+    os._exit(code)

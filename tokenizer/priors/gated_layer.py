@@ -23,7 +23,9 @@ class GatedLayer(nn.Module):
     v' = gate(V(v) + cond_v)
     h' = [h +] R(gate(H(h) + 1x1(shift_down(V(v))) + cond_h)), skip = S(same gate)
     The first layer (type A) reads the code embeddings, so its horizontal window excludes
-    the current column and it has no residual: h there is the current code.
+    the current column and it has no residual: h there is the current code. With
+    `horizontal_out` False (the last layer, when no attention reads its h') R is not built
+    and h passes through: a parameter without a gradient would stop DDP.
     """
 
     def __init__(
@@ -34,13 +36,14 @@ class GatedLayer(nn.Module):
         num_classes: int,
         condition_channels: int,
         dropout: float,
+        horizontal_out: bool = True,
     ) -> None:
         super().__init__()
         self.first = first
         self.vertical = VerticalConv(dim, 2 * dim, kernel_size)
         self.horizontal = HorizontalConv(dim, 2 * dim, kernel_size, include_current=not first)
         self.vertical_to_horizontal = nn.Conv2d(2 * dim, 2 * dim, 1)
-        self.residual = nn.Conv2d(dim, dim, 1)
+        self.residual = nn.Conv2d(dim, dim, 1) if horizontal_out else None
         self.skip = nn.Conv2d(dim, dim, 1)
         self.dropout = nn.Dropout(dropout)
         # Both stacks' pre-activation biases in one table / one projection: (B, 4 dim, ...).
@@ -68,6 +71,9 @@ class GatedLayer(nn.Module):
         # Shifted down one row before it meets the horizontal stack: rows < r only.
         h_pre = self.horizontal(h) + self.vertical_to_horizontal(shift_down(v_pre))
         gated = self.dropout(gate(h_pre + bias_h))  # (B, dim, H, W)
-        update = self.residual(gated)
-        h_out = update if self.first else h + update
+        if self.residual is None:
+            h_out = h
+        else:
+            update = self.residual(gated)
+            h_out = update if self.first else h + update
         return gate(v_pre + bias_v), h_out, self.skip(gated)

@@ -121,6 +121,14 @@ class GatedPixelCNN(nn.Module):
             else None
         )
         condition_channels = dim if self.condition_stack is not None else 0
+        # Keyed by the index of the gated layer each block follows.
+        self.attention = nn.ModuleDict(
+            {
+                str(i): CausalSelfAttention(dim, attention_heads, dropout)
+                for i in range(layers)
+                if attention_every and (i + 1) % attention_every == 0
+            }
+        )
         self.layers = nn.ModuleList(
             GatedLayer(
                 dim,
@@ -129,16 +137,10 @@ class GatedPixelCNN(nn.Module):
                 num_classes=num_classes,
                 condition_channels=condition_channels,
                 dropout=dropout,
+                # The last layer's h' is read only by an attention block after it.
+                horizontal_out=i < layers - 1 or str(i) in self.attention,
             )
             for i in range(layers)
-        )
-        # Keyed by the index of the gated layer each block follows.
-        self.attention = nn.ModuleDict(
-            {
-                str(i): CausalSelfAttention(dim, attention_heads, dropout)
-                for i in range(layers)
-                if attention_every and (i + 1) % attention_every == 0
-            }
         )
         head_width = HEAD_WIDTH_PER_DIM * dim
         self.head = nn.Sequential(

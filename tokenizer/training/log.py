@@ -221,6 +221,17 @@ class TrainLog:
         self.accelerator.log(metrics, step=step)
         return metrics
 
+    def evaluation(self, step: int, metrics: dict[str, float] | None) -> None:
+        """Held-out metrics (every rank has them): `eval/<name>` in metrics.jsonl and
+        TensorBoard."""
+        if not metrics:
+            return
+        row = {f"eval/{k}": v for k, v in metrics.items()}
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps({"step": step, **row}) + "\n")
+        self.accelerator.log(row, step=step)
+
     def preview(self, rows: list[torch.Tensor], step: int) -> None:
         """Save image rows (B, 3, H, W) in [-1, 1] as one grid; the main process writes."""
         if self.accelerator.is_main_process:

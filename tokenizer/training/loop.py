@@ -161,7 +161,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
         if preview is not None and cfg.logging.image_every and step % cfg.logging.image_every == 0:
             log.preview(preview(), step)
         if cfg.logging.eval_every and eval_shards and step % cfg.logging.eval_every == 0:
-            _log_eval(task.evaluate(eval_shards, accelerator), accelerator, step)
+            log.evaluation(step, task.evaluate(eval_shards, accelerator))
         if cfg.distributed.check_every and step % cfg.distributed.check_every == 0:
             check_codebooks(cfg, collective, quantizers, step)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -175,6 +175,7 @@ def train(cfg: Config, stop_after: int | None = None) -> TrainResult:
     if step >= cfg.train.max_steps:
         if eval_shards:
             result = task.evaluate(eval_shards, accelerator)
+            log.evaluation(step, result)
         if preview is not None:
             log.preview(preview(), step)
     log.close()
@@ -235,8 +236,3 @@ def _learning_rates(parts: list[Part]) -> dict[str, float]:
 def _num_params(module: nn.Module) -> int:
     # ZeRO-3 partitions parameters; ds_numel keeps the real size.
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-
-
-def _log_eval(metrics: dict[str, float] | None, accelerator, step: int) -> None:
-    if metrics:
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
