@@ -146,9 +146,9 @@ class PriorTask(TrainingTask):
             data.load_state_dict(state)
         else:
             data.set_epoch(0)
-        return self._endless(data), _IndexStream(data)
+        return self._endless(data, resumed=state is not None), _IndexStream(data)
 
-    def _endless(self, data: IndexShards) -> Iterator[TokenBatch]:
+    def _endless(self, data: IndexShards, resumed: bool) -> Iterator[TokenBatch]:
         workers = self.cfg.data.num_workers
         while True:
             loader = DataLoader(
@@ -166,12 +166,14 @@ class PriorTask(TrainingTask):
             for batch in batches:
                 empty = False
                 yield batch
-            if empty:
+            # The rest of a resumed epoch may hold less than a batch; a whole one may not.
+            if empty and not resumed:
                 raise ValueError(
                     f"{self.cfg.data.train_index}: an epoch gives this rank no batch of "
                     f"{self.cfg.train.batch_size} (the index has {data.num_samples} samples)"
                 )
             data.set_epoch(data.epoch + 1)
+            resumed = False
 
     def train_step(self, batch: TokenBatch, step: int) -> StepOutput:
         codes = {name: c.to(self.accelerator.device) for name, c in batch.grids.items()}
