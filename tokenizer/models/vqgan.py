@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tokenizer.config import Config, ConfigError, ModelConfig, QuantizerConfig
-from tokenizer.models.rules import require_divisible_resolution
+from tokenizer.config import Config, ModelConfig, QuantizerConfig
+from tokenizer.models.rules import require_attention_levels, require_divisible_resolution
 from tokenizer.models.single_grid import SingleGridModel, weight_dtype
 from tokenizer.nn.vqgan import Decoder, Encoder, level_resolutions
 from tokenizer.quantize import quantizer_from_config
@@ -61,14 +61,7 @@ class VQGAN(SingleGridModel):
         network without that attention)."""
         m = cfg.model
         require_divisible_resolution(cfg, 2 ** (len(m.ch_mult) - 1), "2**(len(model.ch_mult) - 1)")
-        levels = level_resolutions(cfg.data.resolution, len(m.ch_mult))
-        missing = [r for r in m.attn_resolutions if r not in levels]
-        if missing:
-            raise ConfigError(
-                f"model.attn_resolutions {list(m.attn_resolutions)}: {missing} is no level's "
-                f"feature resolution at data.resolution={cfg.data.resolution} (the levels: "
-                f"{levels}); name those that attend, or [] for attention in the mid block only"
-            )
+        require_attention_levels(cfg, level_resolutions(cfg.data.resolution, len(m.ch_mult)))
 
     def last_layer(self) -> nn.Parameter:
         """The decoder's final conv weight, where the adaptive GAN weight (taming) compares

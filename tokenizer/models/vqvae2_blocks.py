@@ -15,6 +15,7 @@ from typing import Protocol
 from torch import nn
 
 from tokenizer.config import Config, ConfigError, ModelConfig
+from tokenizer.models.rules import require_attention_levels
 from tokenizer.nn import paper, vqgan
 
 BLOCKS = ("paper", "vqgan")
@@ -133,10 +134,4 @@ def check_blocks(cfg: Config, grid_resolutions: list[int]) -> None:
         return
     # Feature resolutions of every stage: the bottom encoder's levels, then each grid's.
     levels = vqgan.level_resolutions(cfg.data.resolution, len(m.ch_mult)) + grid_resolutions
-    missing = [r for r in m.attn_resolutions if r not in levels]
-    if missing:
-        raise ConfigError(
-            f"model.attn_resolutions {list(m.attn_resolutions)}: {missing} is no stage's "
-            f"feature resolution at data.resolution={cfg.data.resolution} (the stages: "
-            f"{sorted(set(levels), reverse=True)}); name those that attend, or []"
-        )
+    require_attention_levels(cfg, levels, kind="stage")
