@@ -252,7 +252,7 @@ class PriorConfig:
     arch: str = "pixelcnn"
     dim: int = 64
     layers: int = 15
-    kernel_size: int = 7  # pixelcnn: the stacks' kernel
+    kernel_size: int = 7  # pixelcnn: the first (masked) layer's kernel; the gated layers use 3
     heads: int = 4  # transformer heads; pixelcnn: heads of its attention blocks
     # pixelcnn: causal self-attention after every N gated layers (0: none), in the prior of
     # the coarsest grid only when there are several (VQ-VAE-2's top prior has it).
