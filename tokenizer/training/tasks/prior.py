@@ -48,11 +48,10 @@ def resolve_indexes(cfg: Config) -> tuple[list[str], list[str]]:
             "train.task prior needs data.train_index: an index folder written by "
             "tools/tokenize_dataset.py"
         )
-    train = _manifest_path(cfg.data.train_index, "data.train_index")
+    train, a = _manifest(cfg.data.train_index, "data.train_index")
     if not cfg.data.eval_index:
         return [train], []
-    held_out = _manifest_path(cfg.data.eval_index, "data.eval_index")
-    a, b = read_manifest(train), read_manifest(held_out)
+    held_out, b = _manifest(cfg.data.eval_index, "data.eval_index")
     if a.tokenizer_sha256 != b.tokenizer_sha256:
         raise ConfigError(
             f"data.eval_index {cfg.data.eval_index} holds codes of tokenizer "
@@ -62,13 +61,14 @@ def resolve_indexes(cfg: Config) -> tuple[list[str], list[str]]:
     return [train], [held_out]
 
 
-def _manifest_path(spec: str, key: str) -> str:
+def _manifest(spec: str, key: str) -> tuple[str, IndexManifest]:
+    """The manifest file `spec` names (an index folder or the file) and its contents."""
     try:
-        read_manifest(spec)
+        manifest = read_manifest(spec)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}={spec}: {err}") from None
     path = Path(spec)
-    return str(path / "manifest.json" if path.is_dir() else path)
+    return str(path / "manifest.json" if path.is_dir() else path), manifest
 
 
 class _IndexStream:
@@ -90,7 +90,8 @@ class _IndexStream:
 class PriorTask(TrainingTask):
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg, self.accelerator = cfg, accelerator
-        self.manifest = read_manifest(resolve_indexes(cfg)[0][0])
+        # The loop checked data.train_index (resolve_indexes) before building the task.
+        self.manifest = read_manifest(cfg.data.train_index)
         self.grids = index_grids(self.manifest)
         model = build_grid_priors(cfg.prior, self.grids)
         optimizer, scheduler = build_optimizer(model, cfg.train)
@@ -190,7 +191,7 @@ class PriorTask(TrainingTask):
     def evaluate(self, shards: list[str], accelerator: Accelerator) -> dict[str, float] | None:
         if not shards:
             return None
-        unigram = self._unigram_log_probs()
+        unigram = {n: lp.to(accelerator.device) for n, lp in self._unigram_log_probs().items()}
         # Equal shares per rank (a few samples unscored with several ranks): every rank
         # runs as many forwards, which ZeRO-3's parameter gathers need.
         data = IndexShards(
@@ -214,7 +215,7 @@ class PriorTask(TrainingTask):
                 for g, name in enumerate(names):
                     count = codes[name].numel()
                     sums[g, 0] += out.nats[name].double() * count
-                    sums[g, 1] -= unigram[name].to(accelerator.device)[codes[name]].double().sum()
+                    sums[g, 1] -= unigram[name][codes[name]].double().sum()
                     sums[g, 2] += count
         model.train(was_training)
         sums = accelerator.reduce(sums, reduction="sum")
@@ -235,15 +236,14 @@ class PriorTask(TrainingTask):
             counts = {g.name: torch.ones(g.codebook_size, dtype=torch.float64) for g in self.grids}
             data = IndexShards(self.cfg.data.train_index, rank=0, world_size=1)
             data.set_epoch(0)
-            seen = 0
-            for sample in data:
-                for name, grid in sample.grids.items():
-                    counts[name] += torch.bincount(
-                        torch.from_numpy(grid.astype("int64")).flatten(),
-                        minlength=len(counts[name]),
-                    ).double()
-                seen += 1
-                if seen >= self.cfg.prior.unigram_samples:
+            seen, limit = 0, self.cfg.prior.unigram_samples
+            for batch in DataLoader(data, batch_size=256, collate_fn=collate_tokens):
+                take = min(len(batch.keys), limit - seen)
+                for name, grid in batch.grids.items():  # (B, h, w) int64
+                    hits = torch.bincount(grid[:take].flatten(), minlength=len(counts[name]))
+                    counts[name] += hits.double()
+                seen += take
+                if seen >= limit:
                     break
             self._unigram = {n: (c / c.sum()).log() for n, c in counts.items()}
         return self._unigram
