@@ -138,3 +138,23 @@ def test_a_scalar_reported_on_some_steps_averages_over_those():
     window.add(_step_output([20.0], {"tokens": [1, 0]}, loss=3.0, disc__loss=0.6))
     metrics = window.read(Accelerator(cpu=True))
     assert metrics["loss"] == 2.0 and metrics["disc/loss"] == pytest.approx(0.6)
+
+
+def test_previews_reach_tensorboard_as_images(tmp_path):
+    from accelerate.utils import ProjectConfiguration
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(overrides=[f"run.dir={tmp_path}", "train.max_steps=10"])
+    project = ProjectConfiguration(project_dir=str(tmp_path), logging_dir=str(tmp_path / "logs"))
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_config=project)
+    log = TrainLog(cfg, accelerator)
+    originals = torch.linspace(-1, 1, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
+    log.preview([originals, -originals], step=7)
+    log.close()
+    assert (tmp_path / "images" / "step_00000007.png").is_file()
+    # Accelerate writes under logs/<project name>, "tensorboard" as TrainLog names it.
+    events = EventAccumulator(str(tmp_path / "logs" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("preview")
+    # Two rows of two 16x16 images with 2-pixel gaps: the PNG's own size.
+    assert (image.step, image.width, image.height) == (7, 2 * 18 + 2, 2 * 18 + 2)

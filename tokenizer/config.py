@@ -274,6 +274,9 @@ class LoggingConfig:
     tensorboard: bool = True
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
+    # Warn, naming the grid, when a logging window's vectors choose fewer than this fraction
+    # of the codes they could reach (min(K, vectors)); 0: never.
+    collapse_usage: float = 0.1
     # Append every consumed sample key with its step to run.dir/keys/rank{r}.tsv: a
     # record of the exact data order, for checking resumes and debugging.
     log_keys: bool = False
@@ -513,6 +516,7 @@ _RULES = [
     _rule("logging.num_images", _at_least(0)),
     _rule("logging.eval_every", _at_least(0, " (0: evaluate only at the end)")),
     _rule("logging.eval_batches", _at_least(0, " (0: the whole eval set)")),
+    _rule("logging.collapse_usage", ((lambda v: 0.0 <= v < 1.0), "in [0, 1) (0: no warning)")),
     _rule("checkpoint.every", _at_least(0, " (0: only at the end)")),
     _rule("checkpoint.keep_last", _at_least(0, " (0: keep all)")),
     _rule("distributed.check_every", _at_least(0, " (0: off)")),

@@ -10,13 +10,15 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 from tokenizer.config import Config
-from tokenizer.evaluation.image_grid import save_image_grid
+from tokenizer.evaluation.image_grid import image_grid
 from tokenizer.models.base import SINGLE_GRID
 from tokenizer.quantize.codebook import perplexity, usage
+from tokenizer.training.collapse import CollapseWatch
 from tokenizer.training.task import StepOutput
 
 logger = logging.getLogger("tokenizer.training.loop")
@@ -45,6 +47,7 @@ class MetricWindow:
         self.micro_steps = 0
         self.samples = 0
         self.started = time.perf_counter()
+        self.reduced_counts: dict[str, torch.Tensor] = {}  # grid -> (K,) all ranks, last read
 
     def add(self, out: StepOutput) -> None:
         for name, value in out.scalars.items():
@@ -87,8 +90,10 @@ class MetricWindow:
         for name in [*scalar_names, *image_names]:
             pair = next(values)
             metrics[name] = (pair[0] / pair[1].clamp_min(1)).item()
+        self.reduced_counts = {}
         for grid in grids:
             counts = next(values)
+            self.reduced_counts[grid] = counts
             metrics[grid_key(grid, "usage")] = usage(counts).item()
             metrics[grid_key(grid, "perplexity")] = perplexity(counts).item()
         metrics["images_per_s"] = samples / max(time.perf_counter() - self.started, 1e-9)
@@ -194,6 +199,7 @@ class TrainLog:
         self.cfg, self.accelerator = cfg, accelerator
         self.run_dir = Path(cfg.run.dir)
         self.window = MetricWindow(accelerator.device)
+        self.collapse = CollapseWatch(cfg.logging.collapse_usage, cfg.logging.every)
         self.eta = EtaClock(start_step, cfg.train.max_steps if end_step is None else end_step)
         self.keys_file = None
         if cfg.logging.log_keys:
@@ -210,12 +216,17 @@ class TrainLog:
     def metrics(self, step: int, extra: dict[str, float]) -> dict[str, float]:
         """Every rank calls this (it reduces); the main process writes."""
         metrics = {**self.window.read(self.accelerator), **extra}
+        warnings, recoveries = self.collapse.check(step, self.window.reduced_counts)
         self.window.reset()
         eta = self.eta.seconds_left(step)
         if eta is not None:
             metrics["eta_s"] = eta
         if self.accelerator.is_main_process:
             logger.info(console_line(step, self.cfg.train.max_steps, metrics))
+            for line in warnings:
+                logger.warning(line)
+            for line in recoveries:
+                logger.info(line)
             with (self.run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
         self.accelerator.log(metrics, step=step)
@@ -233,9 +244,18 @@ class TrainLog:
         self.accelerator.log(row, step=step)
 
     def preview(self, rows: list[torch.Tensor], step: int) -> None:
-        """Save image rows (B, 3, H, W) in [-1, 1] as one grid; the main process writes."""
-        if self.accelerator.is_main_process:
-            save_image_grid(rows, self.run_dir / "images" / f"step_{step:08d}.png")
+        """Image rows (B, 3, H, W) in [-1, 1] as one grid: images/step_N.png and, with
+        TensorBoard on, its `preview` image at that step. The main process writes."""
+        if not self.accelerator.is_main_process:
+            return
+        picture = image_grid(rows)
+        path = self.run_dir / "images" / f"step_{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(path)
+        if self.cfg.logging.tensorboard:
+            pixels = np.asarray(picture)[None]  # (1, H, W, 3) uint8
+            tracker = self.accelerator.get_tracker("tensorboard")
+            tracker.log_images({"preview": pixels}, step=step, dataformats="NHWC")
 
     def flush(self) -> None:
         if self.keys_file is not None:
