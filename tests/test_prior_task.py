@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,17 @@ def test_sample_prior_decodes_samples_of_the_right_shape(world, tmp_path):
     assert load_prior_run(run_dir).model.training is False
     with pytest.raises(ValueError, match="not a tokenizer: nothing to release"):
         export_release(run_dir, tmp_path / "release")
+    # A prior release samples what the run samples, in a fresh process.
+    release = tmp_path / "prior_release"
+    script = ROOT / "tools" / "export_prior.py"
+    subprocess.run([sys.executable, str(script), "--run", str(run_dir), "--output",
+                    str(release)], check=True, cwd=ROOT)  # fmt: skip
+    fresh = tmp_path / "fresh.npz"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "sample_prior.py"), "--prior",
+                    str(release), "--tokenizer", str(world["release"]), "--n", "5", "--out",
+                    str(tmp_path / "fresh.png"), "--codes", str(fresh), "--top-k", "8",
+                    "--seed", "1"], check=True, cwd=ROOT)  # fmt: skip
+    np.testing.assert_array_equal(np.load(fresh)["tokens"], sampled)
 
 
 def test_codes_of_another_tokenizer_are_refused(world, tmp_path):

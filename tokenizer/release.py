@@ -98,16 +98,20 @@ def release_fingerprint(config: Mapping[str, Any], weights_sha256: str) -> str:
 
 
 def write_release(
-    directory: str | Path, config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
+    directory: str | Path,
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor],
+    release_format: str = RELEASE_FORMAT,
 ) -> Path:
     """Write config.json + model.safetensors (each to a temporary name, then renamed,
-    weights first) with the permissions the user's umask gives new files."""
+    weights first) with the permissions the user's umask gives new files. A prior's
+    release is the same files under its own `release_format`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     body = {
         **config,
-        "format": RELEASE_FORMAT,
+        "format": release_format,
         "format_version": RELEASE_VERSION,
         "weights_sha256": weights_fingerprint(tensors),
     }
@@ -117,14 +121,15 @@ def write_release(
     return directory
 
 
-def read_release(directory: str | Path) -> Release:
-    """Config and weights of a release directory; safetensors + JSON, nothing unpickled.
-    A file that is not what it should be is refused with its name."""
+def read_release(directory: str | Path, release_format: str = RELEASE_FORMAT) -> Release:
+    """Config and weights of a release directory of `release_format`; safetensors + JSON,
+    nothing unpickled. A file that is not what it should be is refused with its name."""
     directory = Path(directory)
+    what = "tokenizer" if release_format == RELEASE_FORMAT else release_format
     for name in (RELEASE_CONFIG, RELEASE_WEIGHTS):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: not a tokenizer release (missing {name})")
-    config = _read_config(directory / RELEASE_CONFIG)
+            raise FileNotFoundError(f"{directory}: not a {what} release (missing {name})")
+    config = _read_config(directory / RELEASE_CONFIG, release_format)
     weights_path = directory / RELEASE_WEIGHTS
     try:
         weights = load_file(str(weights_path))
@@ -167,15 +172,15 @@ def check_weights_match(
             )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(path: Path, release_format: str) -> dict[str, Any]:
     try:
         config = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    if config.get("format") != RELEASE_FORMAT:
-        raise ValueError(f"{path}: format is {config.get('format')!r}, expected {RELEASE_FORMAT!r}")
+    if config.get("format") != release_format:
+        raise ValueError(f"{path}: format is {config.get('format')!r}, expected {release_format!r}")
     version = config.get("format_version")
     # bool is an int in Python: `true` must not pass for version 1.
     if isinstance(version, bool) or version not in READABLE_VERSIONS:

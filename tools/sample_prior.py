@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prior", required=True, help="the prior's run directory")
+    parser.add_argument(
+        "--prior", required=True, help="the prior's run directory or release (export_prior.py)"
+    )
     parser.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: newest)")
     parser.add_argument("--tokenizer", required=True, help="the tokenizer's release directory")
     parser.add_argument("--n", type=int, default=16, help="samples")
