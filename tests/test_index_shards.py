@@ -106,8 +106,9 @@ def test_output_is_complete_with_captions_and_failures_listed(world, npy_index):
         source = plain_tar_samples(path)
         assert list(out) == [k for k in source if k not in sources.bad]
         for key, fields in out.items():
-            assert set(fields) == {"tokens.npy"} | {e for e in source[key] if e in ("txt", "json")}
-            for ext in ("txt", "json"):
+            carried = ("txt", "json", "cls")
+            assert set(fields) == {"tokens.npy"} | {e for e in source[key] if e in carried}
+            for ext in carried:
                 assert fields.get(ext) == source[key].get(ext)  # byte-identical, even non-UTF-8
         codes = np.stack([np.load(io.BytesIO(f["tokens.npy"])) for f in out.values()])
         want = expected_codes(tok, [source[k] for k in out], RES)

@@ -217,3 +217,30 @@ def test_two_ranks_train_a_prior_and_resume_exactly(world, tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
     final = metric_rows(tmp_path / "straight")[12]
     assert final["eval/bits_per_code"] < final["eval/uniform_bits"] == 6.0
+
+
+def test_a_class_conditional_prior_trains_on_the_cls_fields(world, tmp_path):
+    labelled_src = write_sources(tmp_path / "src", num_shards=2, per_shard=24, seed=6, classes=3)
+    labelled = _tokenize(world["release"], labelled_src.paths, tmp_path / "labelled")
+    data = {"train": labelled, "eval": labelled}
+    run_dir = tmp_path / "run"
+    result = train(_cfg(data, run_dir, *PIXELCNN, "prior.num_classes=3", "train.max_steps=6",
+                        f"prior.tokenizer={world['release']}", "logging.num_images=3",
+                        "logging.image_every=6"))  # fmt: skip
+    assert result.eval["bits_per_code"] > 0
+    model = load_prior_run(run_dir).model
+    codes = {"tokens": torch.zeros(3, 8, 8, dtype=torch.int64)}
+    per_class = [model(codes, torch.full((3,), c)).loss.item() for c in range(3)]
+    assert len(set(per_class)) == 3  # the class reaches the logits
+    # sample_prior draws the classes asked for; a class the prior does not know is refused.
+    script = [sys.executable, str(ROOT / "tools" / "sample_prior.py"), "--prior", str(run_dir),
+              "--tokenizer", str(world["release"]), "--n", "2", "--out", str(tmp_path / "s.png")]  # fmt: skip
+    subprocess.run([*script, "--label", "2"], check=True, cwd=ROOT)
+    refused = subprocess.run([*script, "--label", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "classes 0 to 2" in refused.stderr
+    # Bad labels are refused naming the sample: the first one before training (world's
+    # index has cls 7 on every third sample, none on the others), any other when read.
+    with pytest.raises(ConfigError, match=r"'img0_000' has cls '7', not a class index in \[0, 3\)"):
+        train(_cfg(world, tmp_path / "out_of_range", *PIXELCNN, "prior.num_classes=3"))
+    with pytest.raises(ValueError, match=r"sample '\w+' has no cls field; a class-conditional"):
+        train(_cfg(world, tmp_path / "unlabelled", *PIXELCNN, "prior.num_classes=8"))

@@ -130,7 +130,7 @@ def test_two_ranks_write_every_key_once_with_captions_and_the_api_codes(setup, c
     for key, fields in found.items():
         source = sources.samples[key]
         assert {e: fields[e] for e in fields if e != "tokens.npy"} == {
-            e: source[e] for e in ("txt", "json") if e in source
+            e: source[e] for e in ("txt", "json", "cls") if e in source
         }
 
     tok = Tokenizer.from_pretrained(setup["release"])

@@ -75,9 +75,11 @@ def write_sources(
     seed: int = 0,
     prefix: str = "",
     key_prefix: str = "",
+    classes: int = 0,
 ) -> Sources:
     """Shards of PNG samples (every fifth a JPEG) with a txt caption; odd ones also carry
-    json, one a caption that is not valid UTF-8. Shard 1 holds an undecodable image and a
+    json, one a caption that is not valid UTF-8; with `classes`, every sample a cls field
+    (j % classes), else every third one (cls 7), as a class label would travel. Shard 1 holds an undecodable image and a
     sample without an image. Shards are `{prefix}000000.tar`, ...; keys
     `{key_prefix}img{shard}_{j:03d}` (the same keys in every set unless prefixed)."""
     rng = np.random.default_rng(seed)
@@ -91,6 +93,8 @@ def write_sources(
             fields = {ext: image_bytes(rng, width, height, fmt), "txt": f"a photo {key}".encode()}
             if j % 2:
                 fields["json"] = json.dumps({"key": key, "n": j}).encode()
+            if classes or j % 3 == 0:
+                fields["cls"] = str(j % classes if classes else 7).encode()
             if shard == 0 and j == 1:
                 fields["txt"] = b"caf\xe9 latin-1 \xff"  # not UTF-8: must still travel as is
             if shard == 1 and j == 2:

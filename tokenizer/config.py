@@ -259,6 +259,9 @@ class PriorConfig:
     attention_every: int = 0
     mlp_ratio: float = 4.0  # transformer
     dropout: float = 0.0
+    # > 0: class-conditional, on each sample's `cls` field (its class index as text, the
+    # webdataset convention; tokenize_dataset carries it into the index) in [0, N).
+    num_classes: int = 0
     # A tokenizer release of the index's fingerprint: training previews decode samples
     # with it (none: no previews; tools/sample_prior.py takes one too).
     tokenizer: str | None = None
@@ -511,6 +514,7 @@ _RULES = [
     _rule("prior.mlp_ratio", ((lambda v: v > 0), "> 0")),
     _rule("prior.dropout", ((lambda v: 0.0 <= v < 1.0), "in [0, 1)")),
     _rule("prior.unigram_samples", _at_least(1)),
+    _rule("prior.num_classes", _at_least(0, " (0: unconditional)")),
     _rule("logging.every", _at_least(1)),
     _rule("logging.image_every", _at_least(0, " (0: no previews)")),
     _rule("logging.num_images", _at_least(0)),

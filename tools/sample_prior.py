@@ -4,7 +4,8 @@ python tools/sample_prior.py --prior runs/demo_prior --tokenizer runs/demo/relea
     --n 16 --out samples.png [--temperature 1.0 --top-k 0 --top-p 1.0 --seed 0]
 
 With several grids (VQ-VAE-2) the top grid is sampled first, then each grid below given
-the one above it. The tokenizer must be the one whose codes the prior learnt (the index's
+the one above it. A class-conditional prior (prior.num_classes) draws the classes --label
+gives (repeat it), or 0, 1, ... in turn. The tokenizer must be the one whose codes the prior learnt (the index's
 fingerprint, kept in the run's prior.json); another is refused.
 """
 
@@ -43,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         "--top-k", type=int, default=0, help="keep the k most likely codes (0: all)"
     )
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1: all)")
+    parser.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        default=None,
+        help="a class-conditional prior's class (repeat for several, cycled over the "
+        "samples; default: classes 0, 1, ... in turn)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -58,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    num_classes = next(iter(run.model.priors.values())).num_classes
+    if args.label and not num_classes:
+        parser.error(f"--label: the prior in {args.prior} is not class-conditional")
+    bad = [c for c in args.label or [] if not 0 <= c < num_classes]
+    if bad:
+        parser.error(f"--label {bad[0]}: the prior knows classes 0 to {num_classes - 1}")
+    labels = None
+    if num_classes:
+        classes = torch.tensor(args.label or list(range(num_classes)), device=args.device)
+        labels = classes[torch.arange(args.n, device=args.device) % len(classes)]  # (n,)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.perf_counter()
     codes = run.model.sample(
@@ -66,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         top_k=args.top_k or None,
         top_p=args.top_p if args.top_p < 1.0 else None,
         generator=generator,
+        class_labels=labels,
     )
     seconds = time.perf_counter() - start
     images = tok.decode_grids(codes)  # (n, 3, H, W) in [0, 1]

@@ -45,13 +45,14 @@ class GridPriors(nn.Module):
         # Each grid's condition: the grid just above it (none for the first).
         self.conditions = {n: (names[i - 1] if i else None) for i, n in enumerate(names)}
 
-    def forward(self, codes: dict[str, Tensor]) -> PriorOutput:
-        """Grid name -> (B, h, w) int64 codes -> every grid's loss (teacher forcing)."""
+    def forward(self, codes: dict[str, Tensor], class_labels: Tensor | None = None) -> PriorOutput:
+        """Grid name -> (B, h, w) int64 codes -> every grid's loss (teacher forcing).
+        class_labels (B,) int64: a class-conditional prior's classes, given to every grid."""
         nats: dict[str, Tensor] = {}
         for name, prior in self.priors.items():
             above = self.conditions[name]
             condition = None if above is None else codes[above]
-            nats[name] = prior.loss(codes[name], condition=condition)
+            nats[name] = prior.loss(codes[name], condition=condition, class_labels=class_labels)
         sizes = {n: math.prod(g.shape) for n, g in self.grids.items()}
         return PriorOutput(loss=sum(nats.values()), nats=nats, codes=sizes)
 
@@ -63,8 +64,10 @@ class GridPriors(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        class_labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """n samples of every grid, coarsest first: grid name -> (n, h, w) int64."""
+        """n samples of every grid, coarsest first: grid name -> (n, h, w) int64;
+        class_labels (n,): each sample's class, for a class-conditional prior."""
         out: dict[str, Tensor] = {}
         for name, prior in self.priors.items():
             above = self.conditions[name]
@@ -72,6 +75,7 @@ class GridPriors(nn.Module):
                 n,
                 self.grids[name].shape,
                 condition=None if above is None else out[above],
+                class_labels=class_labels,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
@@ -106,6 +110,7 @@ def _prior(cfg: PriorConfig, grid: GridShape, above: GridShape | None, coarsest:
             attention_every=cfg.attention_every if coarsest else 0,
             attention_heads=cfg.heads,
             dropout=cfg.dropout,
+            num_classes=cfg.num_classes,
         )
     from tokenizer.priors.transformer import TransformerPrior
 
@@ -119,6 +124,7 @@ def _prior(cfg: PriorConfig, grid: GridShape, above: GridShape | None, coarsest:
         dropout=cfg.dropout,
         condition_codebook_size=condition_k,
         condition_shape=None if above is None else above.shape,
+        num_classes=cfg.num_classes,
     )
 
 

@@ -4,9 +4,9 @@ and the manifest. A folder of index shards looks like this:
     OUT/manifest.json            written last, by rank 0: tokenizer, grids, every shard
     OUT/000042.tar               one per source shard, same base name; a sample is
                                  __key__, tokens.npy ((h, w) integers, np.save bytes) and
-                                 every txt/json field of the source, byte-identical
+                                 every txt/json/cls field of the source, byte-identical
     OUT/000042.tokens.npy        npy format only: (n, h, w) codes in the tar's order
-    OUT/000042.samples.jsonl     npy format only: {"__key__", "txt", "json"} per row
+    OUT/000042.samples.jsonl     npy format only: {"__key__", "txt", "json", "cls"} per row
     OUT/records/000042.keys.npy  uint64 digests of the shard's keys, in tar order: the
                                  duplicate check across shards reads these, not the tars
     OUT/records/000042.json      per-shard record with the sha256 of each of its files;
@@ -43,7 +43,9 @@ MANIFEST = "manifest.json"
 RECORDS_DIR = "records"
 KEYS_SUFFIX = ".keys.npy"
 SAMPLES_SIDECAR = "samples.jsonl"
-_CARRIED = ("txt", "json")
+# cls: a class index as text, webdataset's convention (ImageNet shards): class-conditional
+# priors train on it (prior.num_classes).
+_CARRIED = ("txt", "json", "cls")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 
@@ -67,7 +69,8 @@ def grid_fields(names: list[str]) -> dict[str, str]:
 
 
 def is_carried(ext: str) -> bool:
-    """txt and json fields travel to the index shard untouched (also `en.txt`, `meta.json`)."""
+    """txt, json and cls fields travel to the index shard untouched (also `en.txt`,
+    `meta.json`)."""
     return ext.rsplit(".", 1)[-1] in _CARRIED
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tokenizer.atomic import write_text
 from tokenizer.config import Config, ConfigError
 from tokenizer.data.index.format import IndexManifest, read_manifest
+from tokenizer.data.index.labels import LabelError, class_labels
 from tokenizer.data.index.reader import IndexShards, TokenBatch, collate_tokens
 from tokenizer.priors.grids import GridPriors, GridShape, build_grid_priors
 from tokenizer.training.engine import deepspeed_requested
@@ -98,8 +99,23 @@ class PriorTask(TrainingTask):
         self.prior = Part(PRIOR, model, optimizer, scheduler)
         self.guard = NonFiniteGuard(accelerator, deepspeed_requested())
         self._unigram: dict[str, torch.Tensor] | None = None
+        if cfg.prior.num_classes:
+            self._check_first_label()
         if accelerator.is_main_process:
             self._write_prior_json()
+
+    def _check_first_label(self) -> None:
+        """A class-conditional prior on an index without labels stops here, not at step 1."""
+        data = IndexShards(self.cfg.data.train_index, rank=0, world_size=1)
+        data.set_epoch(0)
+        first = next(iter(data), None)
+        if first is None:
+            return
+        try:
+            class_labels(collate_tokens([first]), self.cfg.prior.num_classes,
+                         str(self.cfg.data.train_index))  # fmt: skip
+        except LabelError as err:
+            raise ConfigError(str(err)) from None
 
     def _write_prior_json(self) -> None:
         """What sampling needs without the index: the grids and the tokenizer they need."""
@@ -176,9 +192,15 @@ class PriorTask(TrainingTask):
             data.set_epoch(data.epoch + 1)
             resumed = False
 
+    def _labels(self, batch: TokenBatch, index: str) -> torch.Tensor | None:
+        """(B,) class labels on the device for a class-conditional prior, else None."""
+        if not self.cfg.prior.num_classes:
+            return None
+        return class_labels(batch, self.cfg.prior.num_classes, index).to(self.accelerator.device)
+
     def train_step(self, batch: TokenBatch, step: int) -> StepOutput:
         codes = {name: c.to(self.accelerator.device) for name, c in batch.grids.items()}
-        out = self.prior.module(codes)
+        out = self.prior.module(codes, self._labels(batch, str(self.cfg.data.train_index)))
         skipped = self.guard.backward(out.loss, self.prior, self.cfg.train.grad_clip)
         scalars = {"loss": out.loss.detach()}
         scalars.update(_bits(out.nats, out.codes))
@@ -211,7 +233,7 @@ class PriorTask(TrainingTask):
                 if self.cfg.logging.eval_batches and i >= self.cfg.logging.eval_batches:
                     break
                 codes = {n: c.to(accelerator.device) for n, c in batch.grids.items()}
-                out = model(codes)
+                out = model(codes, self._labels(batch, str(self.cfg.data.eval_index)))
                 for g, name in enumerate(names):
                     count = codes[name].numel()
                     sums[g, 0] += out.nats[name].double() * count
@@ -270,7 +292,10 @@ class PriorTask(TrainingTask):
             generator = torch.Generator(device=self.accelerator.device).manual_seed(
                 self.cfg.run.seed
             )
-            codes = model.sample(n, generator=generator)
+            classes = self.cfg.prior.num_classes
+            # A class-conditional prior shows classes 0, 1, ... in turn.
+            labels = torch.arange(n, device=self.accelerator.device) % classes if classes else None
+            codes = model.sample(n, generator=generator, class_labels=labels)
             model.train(was_training)
             return [tok.decode_grids(codes) * 2 - 1]  # (n, 3, H, W) in [-1, 1]
 
