@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ class StandInInception(nn.Module):
 
 def write_torchscript_inception(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    torch.jit.script(StandInInception().eval()).save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript in torch 2.13
+        torch.jit.script(StandInInception().eval()).save(str(path))
     return path
 
 
@@ -113,5 +116,7 @@ def eval_tool(*args: str, processes: int = 1, timeout: int = 300) -> subprocess.
         [*launch, "tools/eval_tokenizer.py", *args],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-    assert done.returncode == 0, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    assert done.returncode == 0, (
+        f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    )
     return done

@@ -15,6 +15,7 @@ The format is read from the file itself: a TorchScript archive holds a code/ fol
 from __future__ import annotations
 
 import hashlib
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,7 +113,10 @@ def load_inception(path: str, device: torch.device | str = "cpu") -> InceptionFe
         raise WeightsFileError(f"{path}: no such file")
     if is_torchscript(path):
         try:
-            module = torch.jit.load(path, map_location=device).eval()
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates TorchScript, but it is the format of the file.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(path, map_location=device).eval()
         except Exception as err:  # a damaged archive fails in many ways; all mean one thing
             raise WeightsFileError(f"{path}: not a loadable TorchScript module ({err})") from None
 

@@ -90,7 +90,7 @@ def _rfid(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
         "file_sha256": ctx.inception.sha256,
         "features": scores.fid_features,
         "reference": f"the {len(scores.images)} evaluated originals, preprocessed as the "
-        "reconstructions' inputs (uint8, before resizing to 299 inside the extractor)",
+        "tokenizer's inputs; both sets as uint8, resized by the extractor itself",
         "resolution": ctx.resolution,
     }
     if scores.rfid is None:
