@@ -159,9 +159,10 @@ def test_without_inception_the_report_says_why_and_where_to_get_it(files):
                      "--out", str(out), "--no-progress")  # fmt: skip
     report = _report(out)
     assert report["metrics"]["rfid"] is None and not report["rfid"]["computed"]
-    reason = report["rfid"]["reason"]
-    assert reason.startswith("no Inception weights given")
-    assert "inception-2015-12-05.pt" in reason and "pt_inception-2015-12-05-6726825d.pth" in reason
+    assert report["rfid"]["reason"] == "no Inception weights given"
+    how = report["rfid"]["how"]
+    assert "--inception" in how
+    assert "inception-2015-12-05.pt" in how and "pt_inception-2015-12-05-6726825d.pth" in how
     assert "rFID not computed: no Inception weights given" in (out / "report.md").read_text()
     assert "rFID: not computed" in done.stdout
 

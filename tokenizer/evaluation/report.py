@@ -83,7 +83,7 @@ def _codebook(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
 
 def _rfid(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
     if ctx.inception is None:
-        return {"computed": False, "reason": f"no Inception weights given: {INCEPTION_HINT}"}
+        return {"computed": False, "reason": "no Inception weights given", "how": INCEPTION_HINT}
     described = {
         "extractor": ctx.inception.format,
         "file": ctx.inception.path,
@@ -173,7 +173,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if not rfid["computed"]:
-        lines += [f"rFID not computed: {rfid['reason']}.", ""]
+        how = rfid.get("how", "")
+        how = f" {how[0].upper()}{how[1:]}." if how else ""
+        lines += [f"rFID not computed: {rfid['reason']}.{how}", ""]
     else:
         lines += [
             f"rFID against {rfid['reference']}; {rfid['extractor']} Inception "
