@@ -152,15 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     main_rank = accelerator.is_main_process
     device = torch.device(args.device) if args.device else accelerator.device
+    lpips = inception = heads = None
+    option = "--lpips-backbone"
     try:
-        lpips, heads = (
-            load_lpips(args.lpips_backbone, args.lpips_heads, device)
-            if args.lpips_backbone
-            else (None, None)
-        )
-        inception = load_inception(args.inception, device) if args.inception else None
+        if args.lpips_backbone:
+            lpips, heads = load_lpips(args.lpips_backbone, args.lpips_heads, device)
+        option = "--inception"
+        if args.inception:
+            inception = load_inception(args.inception, device)
     except WeightsFileError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {option}: {err}", file=sys.stderr)
         return 2
     tok = Tokenizer.from_pretrained(args.tokenizer, device=device)
     resolution = args.resolution or tok.config.data.resolution
