@@ -5,8 +5,10 @@ Ranks read their share of the shards as evaluate_shards splits them. Nothing col
 runs while they read (the release model's forward is local), so unequal shares need no
 lockstep: ranks meet once at the end, where counts and FID statistics are summed and
 the per-image records gathered and sorted by key. Every rank returns the same result,
-and one process returns what N do: the same records, counts and worst images, and the
-same means and FID up to the order of float64 sums.
+and one process returns what N do: the same keys, counts and skipped samples, and the
+same per-image values wherever an image meets the same batch neighbours (a convolution
+may round differently at another batch size: then they agree to float32 rounding);
+means and FID agree up to the order of float64 sums.
 """
 
 from __future__ import annotations
