@@ -27,7 +27,7 @@ demo: setup
 	$(ACCELERATE_1CPU) launch/train.py --config configs/demo.yaml
 	$(BIN)/python tools/export_tokenizer.py --run runs/demo --output runs/demo/release
 	$(BIN)/python tools/eval_tokenizer.py --tokenizer runs/demo/release \
-		--shards 'data/demo/eval/{000000..000001}.tar' --grid runs/demo/reconstructions.png
+		--input 'data/demo/eval/{000000..000001}.tar' --out runs/demo/eval
 	$(BIN)/python tools/tokenize_dataset.py --tokenizer runs/demo/release --no-progress \
 		--input 'data/demo/train/{000000..000007}.tar' --output runs/demo/codes/train
 	$(BIN)/python tools/tokenize_dataset.py --tokenizer runs/demo/release --no-progress \

@@ -54,3 +54,21 @@ def test_shards_matching_nothing_are_refused_naming_the_option(tmp_path):
     assert done.stderr.strip() == (
         f"error: --shards: '{tmp_path}/none/*.tar' matches no file (no folder {tmp_path}/none)"
     )
+
+
+def test_missing_weights_are_refused_naming_the_option(tmp_path):
+    release = save_tiny_release(tmp_path / "release")
+    sources = write_sources(tmp_path / "eval", num_shards=1, per_shard=2)
+    done = eval_tool("--tokenizer", str(release), "--input", sources.pattern,
+                     "--inception", str(tmp_path / "inception-2015-12-05.pt"))  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: --inception: {tmp_path}/inception-2015-12-05.pt: no such file"
+    )
+    torch_file = tmp_path / "not_vgg.pth"
+    torch_file.write_bytes(b"not a state dict")
+    done = eval_tool("--tokenizer", str(release), "--input", sources.pattern,
+                     "--lpips-backbone", str(torch_file))  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: --lpips-backbone: {torch_file}: not a readable")
+    assert "vgg16-397923af.pth" in done.stderr

@@ -81,3 +81,30 @@ def test_evaluate_averages_psnr_and_ssim_over_images_across_batches() -> None:
     assert result.ssim == pytest.approx(ssim_per_image(x, 0.8 * x).mean().item(), rel=1e-6)
     assert result.usage == pytest.approx(0.5)  # 2 of 4 codes
     assert math.isfinite(result.perplexity)
+
+
+def _skimage_pair(channels: int, size: tuple[int, int], seed: int):
+    x, y = _pair(0.1, seed, size)  # (3, 3, H, W)
+    return x[:, :channels], y[:, :channels]  # (3, C, H, W)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size"),
+    [(3, (11, 11)), (3, (16, 64)), (1, (23, 17)), (4, (40, 12)), (3, (64, 64))],
+)
+def test_psnr_and_ssim_match_scikit_image_at_several_sizes_and_channels(channels, size) -> None:
+    metrics = pytest.importorskip("skimage.metrics")
+    x, y = _skimage_pair(channels, size, seed=channels * 100 + size[0])
+    psnr, ssim = psnr_per_image(x, y), ssim_per_image(x, y)  # (3,) each
+    for i in range(x.shape[0]):
+        # The [0, 1] images both metrics are defined on, float64 as scikit-image takes them.
+        a = ((x[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).double().numpy()
+        b = ((y[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).double().numpy()
+        expected_psnr = metrics.peak_signal_noise_ratio(a, b, data_range=1.0)
+        expected_ssim = metrics.structural_similarity(
+            a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+            data_range=1.0, channel_axis=2,
+        )  # fmt: skip
+        # PSNR is computed in float32 (its MSE of values rounded to float32 inputs).
+        assert psnr[i].item() == pytest.approx(expected_psnr, abs=1e-4)
+        assert ssim[i].item() == pytest.approx(expected_ssim, abs=1e-6)

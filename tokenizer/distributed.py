@@ -126,3 +126,13 @@ def average_gradients(collective: Collective, module: torch.nn.Module) -> None:
     flat /= collective.world_size
     for param, piece in zip(params, flat.split([p.numel() for p in params]), strict=True):
         param.grad = piece.view_as(param).clone()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] alone without a
+    process group of several ranks. For results of unequal size (per-image records)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

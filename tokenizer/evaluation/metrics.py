@@ -22,6 +22,11 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 0..255, rounded: the pixels a saved image holds."""
+    return (to_unit_range(images) * 255.0).round().to(torch.uint8)
+
+
 def psnr_per_image(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] each -> (B,) PSNR in dB of the [0, 1]-range images."""
     mse = (to_unit_range(reference) - to_unit_range(reconstruction)).pow(2).flatten(1).mean(1)
