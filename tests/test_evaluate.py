@@ -138,3 +138,19 @@ def test_usage_and_perplexity_are_reported_per_grid(tmp_path, model):
 
 def _eval_images(paths):
     return (b.images for b in evaluate_module.iter_eval_batches(paths, 16, 2))
+
+
+def test_lpips_is_the_mean_over_every_image_when_given(tmp_path, model):
+    shards = write_test_shards(tmp_path / "eval", num_shards=1, per_shard=10).paths
+    seen: list[torch.Tensor] = []
+
+    def distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per_image = (x - y).abs().flatten(1).mean(1)  # (B,): a stand-in with LPIPS' contract
+        seen.append(per_image)
+        return per_image
+
+    result = evaluate_shards(model, shards, 16, batch_size=4, lpips=distance)
+    assert [len(d) for d in seen] == [4, 4, 2]
+    assert result.lpips == pytest.approx(torch.cat(seen).mean().item())
+    assert result.metrics()["lpips"] == result.lpips and "lpips" in result.describe()
+    assert "lpips" not in evaluate_shards(model, shards, 16, batch_size=4).metrics()

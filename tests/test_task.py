@@ -285,8 +285,10 @@ def test_the_perceptual_term_trains_and_stays_out_of_the_release(tmp_path):
     save_file(_random_trunk(1), str(tmp_path / "vgg16.safetensors"))
     cfg = load_config(write_config(tmp_path, shards, tmp_path / "run", *extra,
                                    f"loss.perceptual.backbone={tmp_path / 'vgg16.safetensors'}",
-                                   f"loss.perceptual.heads={tmp_path / 'heads.pth'}"))  # fmt: skip
+                                   f"loss.perceptual.heads={tmp_path / 'heads.pth'}",
+                                   f"data.eval_shards={shards['eval']}"))  # fmt: skip
     result = train(cfg)
+    assert result.eval["lpips"] > 0  # the held-out evaluation reports the loss's LPIPS
     rows = metric_rows(tmp_path / "run")
     assert all(rows[s]["loss/perceptual"] > 0 for s in (1, 2, 3))
     # The total carries the perceptual term (weight 1) beside reconstruction and VQ terms.

@@ -29,6 +29,7 @@ class EvalResult:
     ssim: float  # mean over images (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5)
     num_images: int
     grids: dict[str, GridUsage]  # grid name -> its codebook usage
+    lpips: float | None = None  # mean over images, when an LPIPS network was given
 
     def _single(self) -> GridUsage:
         if len(self.grids) != 1:
@@ -49,6 +50,8 @@ class EvalResult:
         `usage` / `perplexity` (one grid: the names tools and logs have always used) or
         `usage/<grid>` / `perplexity/<grid>` (several)."""
         out: dict[str, float] = {"psnr": self.psnr, "ssim": self.ssim}
+        if self.lpips is not None:
+            out["lpips"] = self.lpips
         for name, grid in self.grids.items():
             suffix = "" if len(self.grids) == 1 else f"/{name}"
             out[f"usage{suffix}"] = grid.usage
@@ -63,7 +66,8 @@ class EvalResult:
             f"{g.codebook_size} codes, perplexity {g.perplexity:.1f}"
             for name, g in self.grids.items()
         )
-        return f"psnr {self.psnr:.2f} dB, ssim {self.ssim:.4f}, {grids}"
+        lpips = "" if self.lpips is None else f", lpips {self.lpips:.4f}"
+        return f"psnr {self.psnr:.2f} dB, ssim {self.ssim:.4f}{lpips}, {grids}"
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -77,16 +81,19 @@ def evaluate(
     device: torch.device | str = "cpu",
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
     on_batch: Callable[[int], None] | None = None,
+    lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """images: batches (B, 3, H, W) in [-1, 1]. `reduce_sum` sums a tensor over ranks, so
-    every rank returns the global result; `on_batch(B)` follows each batch (progress).
-    Usage is counted over every image of the set, per grid."""
+    every rank returns the global result; `on_batch(B)` follows each batch (progress);
+    `lpips(x, y) -> (B,)` adds the mean LPIPS. Usage is counted over every image of the
+    set, per grid."""
     was_training = model.training
     model.eval()
     sizes = {name: q.codebook_size for name, q in quantizer_modules(model).items()}
     counts = {name: torch.zeros(k, device=device) for name, k in sizes.items()}  # (K,) each
     psnr_sum = torch.zeros((), device=device)
     ssim_sum = torch.zeros((), device=device)
+    lpips_sum = torch.zeros((), device=device)
     num_images = torch.zeros((), device=device)
     for batch in images:
         batch = batch.to(device)
@@ -94,6 +101,8 @@ def evaluate(
         psnr_sum += psnr_per_image(batch, out.reconstruction).sum()
         if batch.shape[0]:  # lockstep's empty batches have no pixels to slide a window over
             ssim_sum += ssim_per_image(batch, out.reconstruction).sum()
+            if lpips is not None:
+                lpips_sum += lpips(batch, out.reconstruction.float()).sum()
         num_images += batch.shape[0]
         for name in counts:
             counts[name] += out.grids[name].counts  # (K,) this batch's, from the quantizer
@@ -103,6 +112,9 @@ def evaluate(
     counts = {name: reduce_sum(c) for name, c in counts.items()}
     num_images = reduce_sum(num_images)
     psnr_sum, ssim_sum = reduce_sum(psnr_sum), reduce_sum(ssim_sum)
+    lpips_mean = None
+    if lpips is not None:
+        lpips_mean = (reduce_sum(lpips_sum) / num_images.clamp_min(1)).item()
     n = int(num_images.item())
     return EvalResult(
         psnr=(psnr_sum / max(n, 1)).item(),
@@ -112,6 +124,7 @@ def evaluate(
             name: GridUsage(usage(c).item(), perplexity(c).item(), sizes[name])
             for name, c in counts.items()
         },
+        lpips=lpips_mean,
     )
 
 
@@ -142,6 +155,7 @@ def evaluate_shards(
     reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
     max_batches: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Each rank evaluates its share of `shards`: its first `max_batches` batches, or all of
     them when max_batches is 0. Reading stops there, so a periodic evaluation during
@@ -153,4 +167,4 @@ def evaluate_shards(
     if world_size > 1:
         empty = torch.zeros(0, 3, resolution, resolution, device=device)  # (0, 3, R, R)
         batches = lockstep(batches, empty, reduce_sum)
-    return evaluate(model, batches, device, reduce_sum, on_batch)
+    return evaluate(model, batches, device, reduce_sum, on_batch, lpips)

@@ -181,6 +181,8 @@ class TokenizerTask(TrainingTask):
             world_size=accelerator.num_processes,
             reduce_sum=lambda t: accelerator.reduce(t, reduction="sum"),
             max_batches=self.cfg.logging.eval_batches,
+            # The loss's own LPIPS network, when the run trains with one.
+            lpips=self.perceptual,
         )
         logger.info("eval: %s on %d held-out images", result.describe(), result.num_images)
         return result.metrics()
