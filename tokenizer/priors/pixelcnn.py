@@ -65,7 +65,7 @@ class GatedPixelCNN(nn.Module):
     (B, h / condition_factor, w / condition_factor). `num_classes > 0`: class-conditional,
     taking labels (B,). `attention_every > 0`: a causal self-attention block after every
     `attention_every`-th gated layer. Every layer's skip output (and every attention
-    block's update) is summed into the head: ReLU, 1x1, ReLU, 1x1 to the logits.
+    block's update) is summed into the head: 1x1, ReLU, 1x1 to the logits.
     """
 
     def __init__(
@@ -143,12 +143,20 @@ class GatedPixelCNN(nn.Module):
             for i in range(layers)
         )
         head_width = HEAD_WIDTH_PER_DIM * dim
+        # No ReLU before the first 1x1: it would drop the negative half of the skip sum
+        # (at 150 steps, 8 layers, dim 32: 9.58 bits per code with it, 8.67 without).
         self.head = nn.Sequential(
-            nn.ReLU(),
             nn.Conv2d(dim, head_width, 1),
             nn.ReLU(),
             nn.Conv2d(head_width, codebook_size, 1),
         )
+        # Xavier weights and zero biases on the stacks' and the head's convs, as public
+        # gated PixelCNNs do: PyTorch's default init starts them smaller, and at a few
+        # hundred Adam steps the prior is still far from converged.
+        for module in [*self.layers.modules(), *self.head.modules()]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def hyperparameters(self) -> dict[str, int | float]:
         """The constructor's arguments: GatedPixelCNN(**p.hyperparameters()) rebuilds it."""
