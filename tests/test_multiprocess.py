@@ -13,7 +13,16 @@ import pytest
 import torch
 from process_helpers import descendants, kill_pids, kill_tree, wait_gone
 from safetensors.torch import load_file
-from training_helpers import ENV, ROOT, accelerate, losses, make_shards, run, write_config
+from training_helpers import (
+    ENV,
+    ROOT,
+    accelerate,
+    launch_args,
+    losses,
+    make_shards,
+    run,
+    write_config,
+)
 
 from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.training.checkpoint import latest_checkpoint
@@ -174,8 +183,7 @@ def test_kill_9_mid_epoch_then_resume_consumes_the_same_keys(tmp_path, shards):
 
     killed = tmp_path / "killed"
     cfg = write_config(tmp_path, shards, killed, *extra)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", "launch/accelerate/ddp.yaml", "launch/train.py", "--config", str(cfg)]  # fmt: skip
+    cmd = [sys.executable, *launch_args("ddp.yaml"), "launch/train.py", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
@@ -221,8 +229,7 @@ def test_ranks_exit_when_only_their_launcher_is_killed(tmp_path, shards):
     run_dir = tmp_path / "orphans"
     cfg = write_config(tmp_path, shards, run_dir, "train.max_steps=100000", "checkpoint.every=2",
                        "logging.image_every=0")  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", "launch/accelerate/ddp.yaml", "launch/train.py", "--config", str(cfg)]  # fmt: skip
+    cmd = [sys.executable, *launch_args("ddp.yaml"), "launch/train.py", "--config", str(cfg)]
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     everything: list[int] = []

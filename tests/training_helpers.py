@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,14 +96,23 @@ def run(*args: str, timeout: int = 300, check: bool = True) -> subprocess.Comple
     return proc
 
 
+def free_port() -> int:
+    """A port no process listens on now: each launch gets its own rendezvous port, so a
+    killed job's lingering socket or a launch running beside it is never joined."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_args(config_file: str) -> list[str]:
+    """`-m accelerate.commands.launch --config_file ... --main_process_port P`."""
+    return ["-m", "accelerate.commands.launch", "--config_file",
+            f"launch/accelerate/{config_file}", "--main_process_port", str(free_port())]  # fmt: skip
+
+
 def accelerate(config_file: str, *args: str, timeout: int = 300, extra_launch: tuple = ()) -> None:
     """`accelerate launch --config_file launch/accelerate/<config_file> args...`."""
-    launch = [
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        f"launch/accelerate/{config_file}",
-    ]
+    launch = launch_args(config_file)
     run(*launch, *extra_launch, *args, timeout=timeout)
 
 
