@@ -25,8 +25,9 @@ from tokenize_helpers import Sources, save_tiny_release, write_sources
 from tokenizer import Tokenizer, build_model, load_config
 from tokenizer.evaluation.fid import FeatureStats, stats_distance
 from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image, to_uint8
-from tokenizer.evaluation.networks import load_inception, load_lpips
+from tokenizer.evaluation.networks import load_inception
 from tokenizer.evaluation.reader import iter_keyed_batches
+from tokenizer.losses.perceptual_setup import load_lpips
 
 pytestmark = pytest.mark.slow  # each test starts the tool in fresh processes
 

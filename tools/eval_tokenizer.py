@@ -46,10 +46,11 @@ from tokenizer.data.stream import iter_eval_batches  # noqa: E402
 from tokenizer.data.tars import IMAGE_EXTENSIONS, split_name  # noqa: E402
 from tokenizer.distributed import gather_objects  # noqa: E402
 from tokenizer.evaluation.image_grid import save_image_grid  # noqa: E402
-from tokenizer.evaluation.networks import load_inception, load_lpips  # noqa: E402
+from tokenizer.evaluation.networks import load_inception  # noqa: E402
 from tokenizer.evaluation.reader import iter_keyed_batches  # noqa: E402
 from tokenizer.evaluation.report import ReportContext, build_report, write_report  # noqa: E402
 from tokenizer.evaluation.scoring import Collectives, Scores, score_batches  # noqa: E402
+from tokenizer.losses.perceptual_setup import LPIPSFileError, load_lpips  # noqa: E402
 from tokenizer.losses.weight_files import WeightsFileError  # noqa: E402
 from tokenizer.release import RELEASE_CONFIG  # noqa: E402
 from tokenizer.training.engine import make_accelerator  # noqa: E402
@@ -153,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = accelerator.is_main_process
     device = torch.device(args.device) if args.device else accelerator.device
     lpips = inception = heads = None
-    option = "--lpips-backbone"
     try:
         if args.lpips_backbone:
             lpips, heads = load_lpips(args.lpips_backbone, args.lpips_heads, device)
-        option = "--inception"
         if args.inception:
             inception = load_inception(args.inception, device)
     except WeightsFileError as err:
+        which = err.which if isinstance(err, LPIPSFileError) else "inception"
+        option = {"backbone": "--lpips-backbone", "heads": "--lpips-heads"}.get(
+            which, "--inception"
+        )
         print(f"error: {option}: {err}", file=sys.stderr)
         return 2
     tok = Tokenizer.from_pretrained(args.tokenizer, device=device)

@@ -1,6 +1,6 @@
-"""The networks an evaluation reads from files the user brings (nothing is downloaded):
-LPIPS (tokenizer/losses' VGG16 + lpips v0.1 heads, in their file formats) and the FID
-Inception-v3, in either of the two files FID implementations use:
+"""The FID Inception-v3 an evaluation reads from a file the user brings (nothing is
+downloaded; LPIPS' files load through tokenizer/losses/perceptual_setup.load_lpips), in
+either of the two files FID implementations use:
 
 - TorchScript, inception-2015-12-05.pt (StyleGAN2-ADA, clean-fid): called as
   `model(images_uint8, return_features=True)` -> (N, 2048); it resizes to 299 itself.
@@ -24,8 +24,6 @@ from pathlib import Path
 import torch
 
 from tokenizer.evaluation.inception import FIDInceptionV3
-from tokenizer.losses.lpips_heads import INSTALLED_HEADS, installed_heads
-from tokenizer.losses.perceptual import LPIPS
 from tokenizer.losses.weight_files import WeightsFileError, read_state_dict, select_weights
 
 TORCHSCRIPT = "torchscript"
@@ -38,17 +36,6 @@ INCEPTION_HINT = (
     "pytorch-fid's state dict (https://github.com/mseitzer/pytorch-fid/releases/download/"
     "fid_weights/pt_inception-2015-12-05-6726825d.pth); nothing is downloaded here"
 )
-LPIPS_BACKBONE_HINT = (
-    "give torchvision's VGG16 weights (vgg16-397923af.pth) or a .safetensors with its "
-    "features.N.weight / features.N.bias keys"
-)
-LPIPS_HEADS_HINT = (
-    "give lpips' v0.1 VGG heads (vgg.pth, keys lin0..lin4.model.1.weight) or install a "
-    "package that ships them ("
-    + ", ".join(f"{package}: {package}/{path}" for package, path in INSTALLED_HEADS)
-    + ")"
-)
-
 # Keys of pytorch-fid's file that the features do not use: the 1008-class classifier, and
 # BatchNorm step counters (absent from the 2019 file, present in one re-saved since).
 _UNUSED_SUFFIXES = ("num_batches_tracked",)
@@ -126,25 +113,3 @@ def load_inception(path: str, device: torch.device | str = "cpu") -> InceptionFe
         return InceptionFeatures(extract, TORCHSCRIPT, path, file_sha256(path))
     network = _state_dict_inception(path).to(device)
     return InceptionFeatures(network, STATE_DICT, path, file_sha256(path))
-
-
-def load_lpips(
-    backbone: str, heads: str | None = None, device: torch.device | str = "cpu"
-) -> tuple[LPIPS, str]:
-    """LPIPS with `backbone` (VGG16) and `heads` (default: an installed package's copy of
-    the lpips v0.1 heads); returns it and the heads file used."""
-    if heads is None:
-        found = installed_heads()
-        if found is None:
-            raise WeightsFileError(f"no --lpips-heads given and {LPIPS_HEADS_HINT}")
-        heads = str(found)
-    lpips = LPIPS()
-    for path, load, hint in (
-        (backbone, lpips.load_backbone, LPIPS_BACKBONE_HINT),
-        (heads, lpips.load_heads, LPIPS_HEADS_HINT),
-    ):
-        try:
-            load(read_state_dict(path), source=path)
-        except WeightsFileError as err:
-            raise WeightsFileError(f"{err}: {hint}") from None
-    return lpips.to(device), heads

@@ -25,31 +25,48 @@ _HEADS_HINT = (
 )
 
 
-def _heads_path(cfg: PerceptualConfig) -> str:
-    if cfg.heads is not None:
-        return cfg.heads
-    found = installed_heads()
-    if found is None:
-        raise ConfigError(
-            f"{HEADS_KEY}: not set and no installed package ships the heads: {_HEADS_HINT}"
-        )
-    return str(found)
+class LPIPSFileError(WeightsFileError):
+    """One of LPIPS' two files is missing or does not load; `which` says which."""
+
+    def __init__(self, which: str, message: str) -> None:
+        super().__init__(message)
+        self.which = which  # "backbone" or "heads"
 
 
-def build_perceptual(cfg: PerceptualConfig, device: torch.device | str = "cpu") -> LPIPS:
-    """LPIPS with the configured VGG16 trunk and heads, frozen, on `device`."""
-    if cfg.backbone is None:
-        raise ConfigError(f"{BACKBONE_KEY}: not set: {_BACKBONE_HINT}")
+def load_lpips(
+    backbone: str, heads: str | None = None, device: torch.device | str = "cpu"
+) -> tuple[LPIPS, str]:
+    """LPIPS with the VGG16 trunk in `backbone` and the lpips v0.1 heads in `heads` (None:
+    the copy an installed package ships), frozen, on `device`; returns it and the heads
+    file used. The loss and tools/eval_tokenizer.py read their files through this."""
+    if heads is None:
+        found = installed_heads()
+        if found is None:
+            raise LPIPSFileError("heads", f"not set and no installed package ships the heads: "
+                                 f"{_HEADS_HINT}")  # fmt: skip
+        heads = str(found)
     lpips = LPIPS()
-    for key, path, load, hint in (
-        (BACKBONE_KEY, cfg.backbone, lpips.load_backbone, _BACKBONE_HINT),
-        (HEADS_KEY, _heads_path(cfg), lpips.load_heads, _HEADS_HINT),
+    for which, path, load, hint in (
+        ("backbone", backbone, lpips.load_backbone, _BACKBONE_HINT),
+        ("heads", heads, lpips.load_heads, _HEADS_HINT),
     ):
         try:
             load(read_state_dict(path), source=path)
         except WeightsFileError as err:
-            raise ConfigError(f"{key}: {err}: {hint}") from None
-    return lpips.to(device)
+            raise LPIPSFileError(which, f"{err}: {hint}") from None
+    return lpips.to(device), heads
+
+
+def build_perceptual(cfg: PerceptualConfig, device: torch.device | str = "cpu") -> LPIPS:
+    """LPIPS with the configured VGG16 trunk and heads, frozen, on `device`; a problem is
+    a ConfigError naming the key."""
+    if cfg.backbone is None:
+        raise ConfigError(f"{BACKBONE_KEY}: not set: {_BACKBONE_HINT}")
+    try:
+        return load_lpips(cfg.backbone, cfg.heads, device)[0]
+    except LPIPSFileError as err:
+        key = BACKBONE_KEY if err.which == "backbone" else HEADS_KEY
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def check_perceptual(cfg: Config) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.config import Config, load_config
+from tokenizer.config import Config, PriorConfig, load_config
 from tokenizer.prior_release import is_release, read_prior_release, write_prior_release
 from tokenizer.priors.grids import GridPriors, GridShape, build_grid_priors
 from tokenizer.release import check_weights_match
@@ -27,6 +27,7 @@ class PriorRun:
     model: GridPriors  # in eval mode
     tokenizer_sha256: str  # the fingerprint of the tokenizer whose codes it learnt
     checkpoint: Path  # the checkpoint folder, or the release directory it came from
+    prior: PriorConfig  # the architecture it was built from
 
 
 @dataclass
@@ -50,14 +51,14 @@ def load_prior_run(
         model = build_grid_priors(release.prior, release.grids)
         check_weights_match(model.state_dict(), release.weights, str(path))
         model.load_state_dict(release.weights)
-        return PriorRun(model.to(device).eval(), release.tokenizer_sha256, path)
+        return PriorRun(model.to(device).eval(), release.tokenizer_sha256, path, release.prior)
     grids, sha, cfg = _run_record(path)
     found = Path(checkpoint) if checkpoint else latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"{path}: no checkpoint yet")
     model = build_grid_priors(cfg.prior, grids)
     model.load_state_dict(load_checkpoint_weights(found, PRIOR))
-    return PriorRun(model.to(device).eval(), sha, found)
+    return PriorRun(model.to(device).eval(), sha, found, cfg.prior)
 
 
 def export_prior_release(
@@ -66,10 +67,9 @@ def export_prior_release(
     """A release of a prior run's checkpoint (default: the newest)."""
     run_dir = Path(run_dir)
     run = load_prior_run(run_dir, checkpoint)
-    cfg = load_config(run_dir / "config.yaml")
     grids = list(run.model.grids.values())
     state = run.model.state_dict()
-    write_prior_release(output, cfg.prior, grids, run.tokenizer_sha256, state)
+    write_prior_release(output, run.prior, grids, run.tokenizer_sha256, state)
     step = checkpoint_step(run.checkpoint)
     return PriorExport(Path(output), run.checkpoint, step, run.tokenizer_sha256)
 
