@@ -73,11 +73,14 @@ class _Theirs(torch.nn.Module):
 
 
 def _train_and_score(
-    model: torch.nn.Module, train: torch.Tensor, held_out: torch.Tensor, args: argparse.Namespace
+    model: torch.nn.Module,
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    args: argparse.Namespace,
+    seed: int,
 ) -> tuple[float, float]:
     """(held-out bits per code, seconds per training step)."""
-    torch.manual_seed(args.seed)
-    order = torch.Generator().manual_seed(args.seed)
+    order = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model.train()
     perm, at = torch.randperm(len(train), generator=order), 0
@@ -115,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--layers", type=int, default=15)
     parser.add_argument("--kernel", type=int, default=7, help="our stacks' kernel size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="one run per seed: init and batch order"
+    )
     args = parser.parse_args(argv)
     if args.reference is not None and not args.reference.is_file():
         parser.error(f"--reference {args.reference}: no such file")
@@ -133,20 +138,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':>10} {'params':>11} {'bits/code':>10} {'s/step':>8}")
     print(f"{'uniform':>10} {'':>11} {math.log2(k):>10.3f}")
     print(f"{'unigram':>10} {'':>11} {unigram:>10.3f}")
-    models = {"ours": _Ours(k, args.dim, args.layers, args.kernel)}
+    builders = {"ours": lambda: _Ours(k, args.dim, args.layers, args.kernel)}
     if args.reference is not None:
-        models["reference"] = _Theirs(_reference(args.reference, k, args.dim, args.layers))
-    results = {}
-    for name, model in models.items():
-        bits, seconds = _train_and_score(model, train, held_out, args)
-        params = sum(p.numel() for p in model.parameters())
-        results[name] = (bits, seconds)
-        print(f"{name:>10} {params:>11,} {bits:>10.3f} {seconds:>8.3f}", flush=True)
+        builders["reference"] = lambda: _Theirs(
+            _reference(args.reference, k, args.dim, args.layers)
+        )
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in builders}
+    for seed in args.seeds:
+        for name, build in builders.items():
+            torch.manual_seed(seed)  # the same seed draws both models' initial weights
+            model = build()
+            bits, seconds = _train_and_score(model, train, held_out, args, seed)
+            params = sum(p.numel() for p in model.parameters())
+            results[name].append((bits, seconds))
+            print(
+                f"{name:>10} {params:>11,} {bits:>10.3f} {seconds:>8.3f}  seed {seed}", flush=True
+            )
+    for name, runs in results.items():
+        bits = np.array([b for b, _ in runs])
+        spread = f" +- {bits.std(ddof=1):.3f} (sd)" if len(bits) > 1 else ""
+        print(f"{name:>10} mean {bits.mean():.3f}{spread} bits per code over {len(bits)} seeds")
     if "reference" in results:
-        (ours, t_ours), (theirs, t_theirs) = results["ours"], results["reference"]
+        pairs = list(zip(results["ours"], results["reference"], strict=True))
+        diffs = np.array([ours[0] - theirs[0] for ours, theirs in pairs])
+        times = np.mean([ours[1] / theirs[1] for ours, theirs in pairs])
         print(
-            f"ours - reference: {ours - theirs:+.3f} bits per code; time ours / reference "
-            f"{t_ours / t_theirs:.2f}x"
+            f"ours - reference: {diffs.mean():+.3f} bits per code (per seed: "
+            f"{', '.join(f'{d:+.3f}' for d in diffs)}); time ours / reference {times:.2f}x"
         )
     return 0
 
