@@ -20,9 +20,9 @@ from eval_helpers import (
 )
 from PIL import Image
 from test_fid import scipy_fid
-from tokenize_helpers import Sources, save_tiny_release, write_sources
+from tokenize_helpers import Sources, save_tiny_release, tiny_two_grid_tokenizer, write_sources
 
-from tokenizer import Tokenizer, build_model, load_config
+from tokenizer import Tokenizer
 from tokenizer.evaluation.fid import FeatureStats, stats_distance
 from tokenizer.evaluation.metrics import psnr_per_image, ssim_per_image, to_uint8
 from tokenizer.evaluation.networks import load_inception
@@ -169,15 +169,7 @@ def test_without_inception_the_report_says_why_and_where_to_get_it(files):
 
 
 def test_a_two_grid_tokenizer_reports_usage_per_grid(tmp_path):
-    torch.manual_seed(0)
-    cfg = load_config(
-        overrides=[
-            "model.arch=vqvae2", "model.channels=[8,16]", "model.res_channels=8",
-            "model.num_res_blocks=1", "quantizer.codebook_size=32", "quantizer.code_dim=8",
-            "data.resolution=32",
-        ]
-    )  # fmt: skip
-    tok = Tokenizer(build_model(cfg), cfg)
+    tok = tiny_two_grid_tokenizer(resolution=32)
     release = tok.save_pretrained(tmp_path / "release")
     sources = write_sources(tmp_path / "eval", num_shards=1, per_shard=5)
     out = tmp_path / "report"
@@ -194,8 +186,15 @@ def test_a_two_grid_tokenizer_reports_usage_per_grid(tmp_path):
         assert entry["usage"] == pytest.approx(codes.unique().numel() / 32)
         assert (out / f"usage_{grid}.png").is_file()
         assert f"(usage_{grid}.png)" in (out / "report.md").read_text()
+        # What the grid carries: the mean of the per-image PSNRs with its codes random.
+        per_image = [e["random_codes_psnr"][grid] for e in report["per_image"]]
+        assert entry["random_codes_psnr"] == pytest.approx(np.mean(per_image))
+        drop = report["metrics"]["psnr"] - entry["random_codes_psnr"]
+        assert entry["random_codes_psnr_drop"] == pytest.approx(drop)
+    assert "PSNR, its codes random" in (out / "report.md").read_text()
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"usage/top", "usage/bottom", "perplexity/top", "perplexity/bottom"} <= set(summary)
+    assert {"random_codes_psnr/top", "random_codes_psnr/bottom"} <= set(summary)
 
 
 def _without_run(report: dict) -> dict:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_test_shards
 from eval_helpers import StandInInception
-from tokenize_helpers import tiny_tokenizer
+from tokenize_helpers import tiny_tokenizer, tiny_two_grid_tokenizer
 
 from tokenizer.evaluation.networks import TORCHSCRIPT, InceptionFeatures
 from tokenizer.evaluation.reader import iter_keyed_batches
@@ -131,3 +131,57 @@ def test_usage_plot_draws_empty_single_and_huge_codebooks():
     big = rng.zipf(1.5, 262_144).astype(np.int64)
     image = usage_plot(big, "grid codes")
     assert image.size == (640, 360) and image.getcolors(1 << 16) is not None
+
+
+def _two_grid_model() -> torch.nn.Module:
+    return tiny_two_grid_tokenizer(resolution=16).model.eval()
+
+
+def test_random_codes_psnr_per_grid_equals_decoding_random_codes(tmp_path):
+    from tokenizer.evaluation.metrics import psnr_per_image
+    from tokenizer.evaluation.scoring import random_grid_codes
+
+    shards = write_test_shards(tmp_path, num_shards=1, per_shard=5).paths
+    model = _two_grid_model()
+    scores = score_batches(model, iter_keyed_batches(shards, 16, 2))
+    assert all(set(s.random_codes_psnr) == {"top", "bottom"} for s in scores.images)
+    # The same values when the images meet other batch neighbours: seeds follow keys.
+    whole = score_batches(model, iter_keyed_batches(shards, 16, 5))
+    for a, b in zip(scores.images, whole.images, strict=True):
+        assert a.random_codes_psnr == pytest.approx(b.random_codes_psnr, abs=1e-4)
+
+    batch = next(iter(iter_keyed_batches(shards, 16, 5)))
+    with torch.no_grad():
+        codes = model.encode_codes(batch.images)
+        for grid, k in (("top", 32), ("bottom", 32)):
+            random = torch.stack(
+                [
+                    random_grid_codes(key, grid, tuple(codes[grid].shape[1:]), k)
+                    for key in batch.keys
+                ]
+            )
+            assert not torch.equal(random, codes[grid])
+            recon = model.decode_codes({**codes, grid: random}).clamp(-1, 1)
+            psnr = psnr_per_image(batch.images, recon).tolist()
+            expected = dict(zip(batch.keys, psnr, strict=True))
+            got = {s.key: s.random_codes_psnr[grid] for s in whole.images}
+            assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_grid_the_decoder_ignores_loses_nothing_when_random(tmp_path):
+    shards = write_test_shards(tmp_path, num_shards=1, per_shard=4).paths
+    model = _two_grid_model()
+    with torch.no_grad():
+        # The top codes reach the decoder only through its upsampler: silence it.
+        model.upsamplers["bottom"].weight.zero_()
+        model.upsamplers["bottom"].bias.zero_()
+    scores = score_batches(model, iter_keyed_batches(shards, 16, 4))
+    for s in scores.images:
+        assert s.random_codes_psnr["top"] == pytest.approx(s.psnr, abs=1e-4)
+        assert s.random_codes_psnr["bottom"] < s.psnr
+
+
+def test_a_single_grid_tokenizer_has_no_random_codes_psnr(tmp_path):
+    shards = write_test_shards(tmp_path, num_shards=1, per_shard=2).paths
+    scores = score_batches(tiny_tokenizer().model, iter_keyed_batches(shards, 16, 2))
+    assert all(s.random_codes_psnr == {} for s in scores.images)

@@ -31,6 +31,19 @@ def tiny_tokenizer(seed: int = 0, codebook_size: int = 32, resolution: int = 16)
     return Tokenizer(build_model(cfg), cfg)
 
 
+def tiny_two_grid_tokenizer(seed: int = 0, resolution: int = 32) -> Tokenizer:
+    """A random VQ-VAE-2 of grids `top` (resolution / 8) and `bottom` (resolution / 4), K=32."""
+    torch.manual_seed(seed)
+    cfg = load_config(
+        overrides=[
+            "model.arch=vqvae2", "model.channels=[8,16]", "model.res_channels=8",
+            "model.num_res_blocks=1", "quantizer.codebook_size=32", "quantizer.code_dim=8",
+            f"data.resolution={resolution}",
+        ]
+    )  # fmt: skip
+    return Tokenizer(build_model(cfg), cfg)
+
+
 def save_tiny_release(directory: Path, **kwargs) -> Path:
     return tiny_tokenizer(**kwargs).save_pretrained(directory)
 

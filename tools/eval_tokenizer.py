@@ -103,14 +103,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _summary(scores: Scores, report: dict) -> dict[str, float | int | None]:
     """The flat figures of the last stdout line: psnr, ssim, usage and perplexity (per
-    grid `usage/<grid>` with several grids), num_images, lpips and rfid (None: not
-    computed)."""
+    grid `usage/<grid>` with several grids, and `random_codes_psnr/<grid>`: the PSNR with
+    that grid's codes random), num_images, lpips and rfid (None: not computed)."""
     m, grids = report["metrics"], report["codebook"]
     out: dict[str, float | int | None] = {"psnr": m["psnr"], "ssim": m["ssim"]}
     for name, grid in grids.items():
         suffix = "" if len(grids) == 1 else f"/{name}"
         out[f"usage{suffix}"] = grid["usage"]
         out[f"perplexity{suffix}"] = grid["perplexity"]
+        if "random_codes_psnr" in grid:
+            out[f"random_codes_psnr{suffix}"] = grid["random_codes_psnr"]
     out.update(num_images=m["num_images"], lpips=m["lpips"], rfid=m["rfid"])
     return out
 
@@ -124,6 +126,11 @@ def _describe(report: dict) -> str:
     grids = "  ".join(
         f"{'' if len(report['codebook']) == 1 else f'{name} '}codebook usage: "
         f"{100 * g['usage']:.1f}% of {g['codebook_size']} codes  perplexity: {g['perplexity']:.1f}"
+        + (
+            f"  its codes random: {-g['random_codes_psnr_drop']:+.2f} dB"
+            if "random_codes_psnr_drop" in g
+            else ""
+        )
         for name, g in report["codebook"].items()
     )
     return (

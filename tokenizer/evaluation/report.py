@@ -24,7 +24,7 @@ import torch
 from tokenizer.data.images.transforms import eval_preprocessing
 from tokenizer.evaluation.image_grid import image_grid
 from tokenizer.evaluation.networks import INCEPTION_HINT, InceptionFeatures
-from tokenizer.evaluation.scoring import Scores
+from tokenizer.evaluation.scoring import ImageScore, Scores
 from tokenizer.evaluation.usage_plot import usage_plot
 from tokenizer.quantize.codebook import perplexity, usage
 
@@ -67,6 +67,7 @@ def _versions() -> dict[str, str]:
 
 def _codebook(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
     grids = {}
+    psnr = scores.mean("psnr")
     for name, counts in scores.counts.items():
         factor = ctx.downsample_factors[name]
         grids[name] = {
@@ -78,6 +79,13 @@ def _codebook(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
             "perplexity": perplexity(counts.double()).item(),
             "plot": usage_png(name),
         }
+        randomised = [s.random_codes_psnr[name] for s in scores.images if s.random_codes_psnr]
+        if randomised and psnr is not None:
+            # What the grid carries: the PSNR lost when its codes are random, the other
+            # grids' kept (near 0 dB: the decoder ignores this grid).
+            mean = sum(randomised) / len(randomised)
+            grids[name]["random_codes_psnr"] = mean
+            grids[name]["random_codes_psnr_drop"] = psnr - mean
     return grids
 
 
@@ -132,9 +140,7 @@ def build_report(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
             "broken_tars": scores.tar_errors,
         },
         "preprocessing": eval_preprocessing(ctx.resolution),
-        "per_image": [
-            {"key": s.key, "psnr": s.psnr, "ssim": s.ssim, "lpips": s.lpips} for s in scores.images
-        ],
+        "per_image": [_per_image(s) for s in scores.images],
         "worst": [{"key": w.key, "psnr": w.psnr} for w in scores.worst],
         "versions": _versions(),
         "run": {
@@ -144,6 +150,13 @@ def build_report(scores: Scores, ctx: ReportContext) -> dict[str, Any]:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
+
+
+def _per_image(score: ImageScore) -> dict[str, Any]:
+    entry = {"key": score.key, "psnr": score.psnr, "ssim": score.ssim, "lpips": score.lpips}
+    if score.random_codes_psnr:
+        entry["random_codes_psnr"] = score.random_codes_psnr
+    return entry
 
 
 def _figure(value: float | None, digits: int, unit: str = "") -> str:
@@ -182,17 +195,28 @@ def _markdown(report: dict[str, Any]) -> str:
             f"`{Path(rfid['file']).name}` (sha256 `{rfid['file_sha256'][:16]}`).",
             "",
         ]
+    ablated = all("random_codes_psnr" in g for g in report["codebook"].values())
+    header = "| grid | grid shape | K | used | usage | perplexity |"
     lines += [
-        "| grid | grid shape | K | used | usage | perplexity |",
-        "| --- | --- | --- | --- | --- | --- |",
+        header + (" PSNR, its codes random |" if ablated else ""),
+        "| --- " * (header.count("|") - (0 if ablated else 1)) + "|",
     ]
     for name, g in report["codebook"].items():
         shape = "x".join(str(s) for s in g["grid_shape"])
-        lines.append(
+        row = (
             f"| {name} | {shape} | {g['codebook_size']} | {g['codes_used']} | "
             f"{100 * g['usage']:.1f}% | {g['perplexity']:.1f} |"
         )
+        if ablated:
+            row += f" {g['random_codes_psnr']:.2f} dB ({-g['random_codes_psnr_drop']:+.2f}) |"
+        lines.append(row)
     lines.append("")
+    if ablated:
+        lines += [
+            "PSNR, its codes random: each grid's codes replaced by random ones, the other "
+            "grids' kept; a drop near 0 dB means the decoder ignores that grid.",
+            "",
+        ]
     for name, g in report["codebook"].items():
         lines += [f"![code frequencies, grid {name}]({g['plot']})", ""]
     if report["worst"]:

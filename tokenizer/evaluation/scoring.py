@@ -1,5 +1,7 @@
 """Score a tokenizer image by image over held-out shards, on one rank or many: per-image
-PSNR, SSIM and LPIPS by key, codebook counts per grid, FID statistics, the worst images.
+PSNR, SSIM and LPIPS by key, codebook counts per grid, FID statistics, the worst images,
+and for a tokenizer of several grids what each grid carries (the PSNR with its codes
+replaced by random ones).
 
 Ranks read their share of the shards as evaluate_shards splits them. Nothing collective
 runs while they read (the release model's forward is local), so unequal shares need no
@@ -13,8 +15,9 @@ means and FID agree up to the order of float64 sums.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +35,9 @@ class ImageScore:
     psnr: float  # dB, of the [0, 1] images
     ssim: float
     lpips: float | None = None  # None when no LPIPS weights were given
+    # Several grids only: grid -> PSNR of the decoding with that grid's codes replaced by
+    # random ones and the other grids' kept (how much of the image the grid carries).
+    random_codes_psnr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -69,6 +75,31 @@ class Scores:
         if not values or values[0] is None:
             return None
         return sum(values) / len(values)
+
+
+def random_grid_codes(key: str, grid: str, shape: tuple[int, int], k: int) -> torch.Tensor:
+    """(h, w) int64 codes uniform in [0, K), drawn from a seed derived from the image's key
+    and the grid's name: the same on any rank, at any batch size."""
+    seed = int.from_bytes(hashlib.sha256(f"{grid}\0{key}".encode()).digest()[:8], "little")
+    generator = torch.Generator().manual_seed(seed >> 1)  # manual_seed takes < 2**63
+    return torch.randint(0, k, shape, generator=generator)
+
+
+def _random_codes_psnr(
+    model: TokenizerModel, x: torch.Tensor, codes: dict[str, torch.Tensor], keys: list[str]
+) -> dict[str, list[float]]:
+    """Grid -> per-image PSNR with that grid's codes (B, h, w) replaced by random ones; {}
+    for a model of one grid (random codes there say nothing about the model)."""
+    if len(codes) < 2:
+        return {}
+    sizes = {name: q.codebook_size for name, q in model.quantizers().items()}
+    result = {}
+    for name, grid in codes.items():
+        shape = (grid.shape[1], grid.shape[2])
+        random = [random_grid_codes(key, name, shape, sizes[name]) for key in keys]
+        recon = model.decode_codes({**codes, name: torch.stack(random).to(grid.device)})
+        result[name] = psnr_per_image(x, recon.float().clamp(-1.0, 1.0)).tolist()
+    return result
 
 
 def _keep_worst(kept: list[WorstImage], new: list[WorstImage], limit: int) -> list[WorstImage]:
@@ -109,8 +140,10 @@ def score_batches(
         psnr = psnr_per_image(x, recon).tolist()
         ssim = ssim_per_image(x, recon).tolist()
         distances = lpips(x, recon).tolist() if lpips is not None else [None] * len(psnr)
-        for key, p, s, d in zip(batch.keys, psnr, ssim, distances, strict=True):
-            images.append(ImageScore(key, p, s, d))
+        codes = {name: g.indices for name, g in out.grids.items()}  # (B, h, w) each
+        randomised = _random_codes_psnr(model, x, codes, batch.keys)
+        for i, (key, p, s, d) in enumerate(zip(batch.keys, psnr, ssim, distances, strict=True)):
+            images.append(ImageScore(key, p, s, d, {n: v[i] for n, v in randomised.items()}))
         for name in counts:
             # Per batch in int64: float32 sums stop counting exactly past 2^24 codes.
             counts[name] += out.grids[name].counts.round().to(torch.int64)
