@@ -275,3 +275,15 @@ def test_release_keys_follow_the_blocks():
     keys = set(release_keys(_cfg(32, *VQGAN_BLOCKS).model))
     assert {"blocks", "ch", "ch_mult", "attn_resolutions", "z_channels", "levels"} <= keys
     assert not keys & {"channels", "res_channels", "grad_checkpointing"}
+
+
+def test_the_demo_config_looks_every_grid_up_as_unit_vectors_in_8_dimensions():
+    # The demo's top grid carries its information only with this lookup (README, VQ-VAE-2).
+    torch.manual_seed(0)
+    model = build_model(load_config(REPO / "configs" / "demo_vqvae2.yaml")).train()
+    out = model(_images(4, 64))
+    for name, q in model.quantizers().items():
+        assert (q.code_dim, q.lookup_dim, q.l2_normalize) == (64, 8, True), name
+        norms = q.codebook.norm(dim=1)  # (K,): data-initialised, then EMA-updated
+        torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+        assert out.grids[name].quantized.shape[1] == 64  # projected back to D
