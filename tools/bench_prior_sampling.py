@@ -1,4 +1,5 @@
-"""Benchmark the transformer prior's sampling with and without the key/value cache.
+"""Benchmark the transformer prior's sampling with and without the key/value cache, beside
+the gated PixelCNN's.
 
     python tools/bench_prior_sampling.py                     # 8 grids of 16x16, K=512, 4x128
     python tools/bench_prior_sampling.py --prefix 8 8        # a bottom prior on 8x8 top codes
@@ -9,7 +10,9 @@ no_grad), interleaved repeat by repeat so that a noisy shared machine slows both
 each with a generator seeded the same: it prints the median samples/s of each, the
 cached / uncached ratio, and whether the two drew the same codes (they should).
 Uncached sampling recomputes the whole sequence at every one of the h*w steps; cached
-sampling feeds one position a step and reuses every layer's keys and values.
+sampling feeds one position a step and reuses every layer's keys and values. The gated
+PixelCNN (--pixelcnn-dim, --pixelcnn-layers; 0 layers skips it) has no cache: each code is
+one forward over the rows drawn so far; it is timed in the same loop on the same grids.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tokenizer.priors.pixelcnn import GatedPixelCNN  # noqa: E402
 from tokenizer.priors.transformer import TransformerPrior  # noqa: E402
 
 
@@ -39,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument(
         "--prefix", type=int, nargs=2, default=None, metavar=("H", "W"), help="a condition grid"
+    )
+    parser.add_argument("--pixelcnn-dim", type=int, default=64)
+    parser.add_argument(
+        "--pixelcnn-layers",
+        type=int,
+        default=15,
+        help="0: no PixelCNN (15, dim 64: the bench_prior size)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per mode")
     parser.add_argument(
@@ -71,15 +82,33 @@ def main() -> None:
         condition_shape=prefix,
     )
     model = model.to(device).eval()
+    pixelcnn = None
+    if args.pixelcnn_layers:
+        pixelcnn = GatedPixelCNN(
+            args.codebook_size,
+            dim=args.pixelcnn_dim,
+            layers=args.pixelcnn_layers,
+            condition_codebook_size=args.codebook_size if prefix else 0,
+        )
+        if prefix and (args.grid[0] != 2 * prefix[0] or args.grid[1] != 2 * prefix[1]):
+            raise SystemExit(
+                "--prefix must be half of --grid for the PixelCNN (or --pixelcnn-layers 0)"
+            )
+        pixelcnn = pixelcnn.to(device).eval()
     condition = None
     if prefix:
         condition = torch.randint(0, args.codebook_size, (args.n, *prefix), device=device)
 
-    def run(use_cache: bool) -> tuple[float, torch.Tensor]:
+    def run(mode: str) -> tuple[float, torch.Tensor]:
         g = torch.Generator(device).manual_seed(args.seed)
         _sync(device)
         start = time.perf_counter()
-        codes = model.sample(args.n, condition=condition, generator=g, use_cache=use_cache)
+        if mode == "pixelcnn":
+            assert pixelcnn is not None
+            codes = pixelcnn.sample(args.n, tuple(args.grid), condition=condition, generator=g)
+        else:
+            use_cache = mode == "cached"
+            codes = model.sample(args.n, condition=condition, generator=g, use_cache=use_cache)
         _sync(device)
         return time.perf_counter() - start, codes
 
@@ -92,21 +121,32 @@ def main() -> None:
         f"{params / 1e6:.2f}M parameters",
         flush=True,
     )
-    run(True)  # warm-up: allocator, kernels
-    times: dict[bool, list[float]] = {False: [], True: []}
+    modes = ["uncached", "cached"] + (["pixelcnn"] if pixelcnn is not None else [])
+    if pixelcnn is not None:
+        pixelcnn_params = sum(p.numel() for p in pixelcnn.parameters())
+        print(
+            f"PixelCNN: {args.pixelcnn_layers} layers, dim {args.pixelcnn_dim}; "
+            f"{pixelcnn_params / 1e6:.2f}M parameters",
+            flush=True,
+        )
+    for mode in modes[1:]:
+        run(mode)  # warm-up: allocator, kernels
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     same = True
     for r in range(args.repeats):
         codes = {}
-        for use_cache in (False, True):
-            seconds, codes[use_cache] = run(use_cache)
-            times[use_cache].append(seconds)
-            print(f"  repeat {r}: {'cached' if use_cache else 'uncached':<8} {seconds:8.3f} s")
-        same = same and torch.equal(codes[False], codes[True])
+        for mode in modes:
+            seconds, codes[mode] = run(mode)
+            times[mode].append(seconds)
+            print(f"  repeat {r}: {mode:<8} {seconds:8.3f} s")
+        same = same and torch.equal(codes["uncached"], codes["cached"])
     rate = {mode: args.n / statistics.median(t) for mode, t in times.items()}
-    print(f"uncached: {rate[False]:8.2f} samples/s (median of {args.repeats})")
-    print(f"cached:   {rate[True]:8.2f} samples/s (median of {args.repeats})")
-    print(f"cached / uncached samples/s: {rate[True] / rate[False]:.1f}x")
-    print(f"same codes in both modes: {same}")
+    for mode in modes:
+        print(f"{mode + ':':<9} {rate[mode]:8.2f} samples/s (median of {args.repeats})")
+    print(f"cached / uncached samples/s: {rate['cached'] / rate['uncached']:.1f}x")
+    if pixelcnn is not None:
+        print(f"pixelcnn / cached transformer samples/s: {rate['pixelcnn'] / rate['cached']:.2f}x")
+    print(f"same codes in both transformer modes: {same}")
 
 
 if __name__ == "__main__":

@@ -86,13 +86,17 @@ def random_grid_codes(key: str, grid: str, shape: tuple[int, int], k: int) -> to
 
 
 def _random_codes_psnr(
-    model: TokenizerModel, x: torch.Tensor, codes: dict[str, torch.Tensor], keys: list[str]
+    model: TokenizerModel,
+    x: torch.Tensor,
+    codes: dict[str, torch.Tensor],
+    sizes: dict[str, int],
+    keys: list[str],
 ) -> dict[str, list[float]]:
-    """Grid -> per-image PSNR with that grid's codes (B, h, w) replaced by random ones; {}
-    for a model of one grid (random codes there say nothing about the model)."""
+    """Grid -> per-image PSNR with that grid's codes (B, h, w) replaced by random ones in
+    [0, sizes[grid]); {} for a model of one grid (random codes there say nothing about
+    the model)."""
     if len(codes) < 2:
         return {}
-    sizes = {name: q.codebook_size for name, q in model.quantizers().items()}
     result = {}
     for name, grid in codes.items():
         shape = (grid.shape[1], grid.shape[2])
@@ -141,7 +145,7 @@ def score_batches(
         ssim = ssim_per_image(x, recon).tolist()
         distances = lpips(x, recon).tolist() if lpips is not None else [None] * len(psnr)
         codes = {name: g.indices for name, g in out.grids.items()}  # (B, h, w) each
-        randomised = _random_codes_psnr(model, x, codes, batch.keys)
+        randomised = _random_codes_psnr(model, x, codes, sizes, batch.keys)
         for i, (key, p, s, d) in enumerate(zip(batch.keys, psnr, ssim, distances, strict=True)):
             images.append(ImageScore(key, p, s, d, {n: v[i] for n, v in randomised.items()}))
         for name in counts:
