@@ -70,8 +70,9 @@ def test_resume_release_tokenize_index_and_verify_both_grids(tmp_path, shards):
     release = tmp_path / "release"
     run("tools/export_tokenizer.py", "--run", str(tmp_path / "resumed"), "--output", str(release))
     index = tmp_path / "index"
-    run("tools/tokenize_dataset.py", "--tokenizer", str(release), "--input", shards["eval"],
-        "--output", str(index), "--no-progress", "--num-workers", "0")  # fmt: skip
+    done = run("tools/tokenize_dataset.py", "--tokenizer", str(release), "--input", shards["eval"],
+               "--output", str(index), "--no-progress", "--num-workers", "0")  # fmt: skip
+    assert "codes: grid top: uint16 [4, 4], K=32; grid bottom: uint16 [8, 8], K=64" in done.stdout
     manifest = read_manifest(index)
     assert [(g.name, g.shape, g.codebook_size) for g in manifest.grids] == [
         ("top", [4, 4], 32),

@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenizer.cli.lifecycle import close_distributed, exit_rank, exit_with_launcher  # noqa: E402
+from tokenizer.data.index.format import GridSpec  # noqa: E402
 from tokenizer.data.index.verify import verify_index  # noqa: E402
 from tokenizer.tokenize.corpus import (  # noqa: E402
     TokenizeOptions,
@@ -132,10 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             f"(listed in the manifest)\n"
             f"this run: {summary.images_encoded} images in {summary.seconds:.1f} s, "
             f"{rate:.1f} images/s\n"
-            f"codes: {manifest.dtype} grid {manifest.grid_shape}, K={manifest.codebook_size}, "
-            f"tokenizer sha256 {manifest.tokenizer_sha256[:16]}..."
+            f"codes: {_grids(manifest.grids)}, tokenizer sha256 {manifest.tokenizer_sha256[:16]}..."
         )
     return 0
+
+
+def _grids(grids: list[GridSpec]) -> str:
+    """`uint16 grid [16, 16], K=512` for one grid; `grid top: uint16 [8, 8], K=512; grid
+    bottom: ...` for several (a hierarchy's manifest has no top-level shape or K)."""
+    if len(grids) == 1:
+        g = grids[0]
+        return f"{g.dtype} grid {g.shape}, K={g.codebook_size}"
+    return "; ".join(f"grid {g.name}: {g.dtype} {g.shape}, K={g.codebook_size}" for g in grids)
 
 
 if __name__ == "__main__":
