@@ -349,7 +349,17 @@ def make_train_loader(
     dataset = _TrainStream(kwargs, list(tracker.positions), tracker.batches_consumed)
     extra: dict[str, Any] = {}
     if cfg.num_workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": cfg.prefetch_factor}
+        # Spawned, not forked: a rank starts its workers once gloo's, DeepSpeed's and its
+        # own threads run, and CPython before 3.11.8 can leave a child forked then waiting
+        # forever on a runtime lock another thread held (cpython#112275; seen here: a
+        # resumed 2-rank run whose first batch never came). A spawned worker is a fresh
+        # interpreter (a second or two, once per run: the workers persist), a child of
+        # its rank as before (it exits with it); the stream's state travels pickled.
+        extra = {
+            "persistent_workers": True,
+            "prefetch_factor": cfg.prefetch_factor,
+            "multiprocessing_context": "spawn",
+        }
     loader = DataLoader(
         dataset,
         batch_size=None,
