@@ -196,11 +196,9 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
         ]
     ablated = all("random_codes_psnr" in g for g in report["codebook"].values())
-    header = "| grid | grid shape | K | used | usage | perplexity |"
-    lines += [
-        header + (" PSNR, its codes random |" if ablated else ""),
-        "| --- " * (header.count("|") - (0 if ablated else 1)) + "|",
-    ]
+    columns = ["grid", "grid shape", "K", "used", "usage", "perplexity"]
+    columns += ["PSNR, its codes random"] if ablated else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for name, g in report["codebook"].items():
         shape = "x".join(str(s) for s in g["grid_shape"])
         row = (
