@@ -134,7 +134,12 @@ def checkpoint_infos(run_dir: str | Path) -> list[CheckpointInfo]:
         # step_N wins over step_N.old: the .old is then a leftover being deleted.
         if step not in found or _STEP_DIR.match(path.name):
             found[step] = path
-    infos = [read_checkpoint_info(p) for p in found.values()]
+    infos = []
+    for path in found.values():
+        try:
+            infos.append(read_checkpoint_info(path))
+        except FileNotFoundError:
+            continue  # removed since the listing (keep_last rotation): not there any more
     return sorted(infos, key=lambda info: (info.generation, info.step))
 
 
